@@ -1,0 +1,66 @@
+"""The data contract (DESIGN.md §4): shard member names, modality order, batch keys.
+
+Every part that reads or writes shards or batches imports its names from here, so the contract
+lives in one place.
+
+Batch legend (what ``MiCoModel.forward`` receives; B = batch, T = frames, N = audio clips):
+    image   float32 (B, 3, H, W)      normalized RGB
+    video   float32 (B, T, 3, H, W)   normalized RGB frames
+    audio   float32 (B, N, 1, F, Tm)  normalized log-mel filterbank clips (F mel bins, Tm frames)
+    depth   float32 (B, 1, H, W)      depth, normalized per sample to zero mean / unit std
+    normal  float32 (B, 3, H, W)      surface normals in [-1, 1]
+    text_ids       int64 (B, L)  captions of the present modalities, concatenated (MiCo Eq. 2)
+    text_mask      int64 (B, L)  1 for real tokens, 0 for padding
+    sample_source  int64 (B, M)  per present modality (in MODALITIES order) the id of the corpus it was
+                                 drawn from when a sample is joined from several corpora (MiCo Eq. 3);
+                                 all zeros for samples that come whole from one corpus
+    keys           list[str]     sample keys
+    captions       list[str]     the concatenated raw caption (evaluation, CIDEr)
+    corpus         str           name of the corpus the batch came from
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Knowledge modalities in their canonical order: the multimodal context concatenates present
+# modalities in this order, and modality ids (E_M rows) are indices into this tuple.
+MODALITIES: tuple[str, ...] = ("image", "video", "audio", "depth", "normal")
+MODALITY_ID: dict[str, int] = {m: i for i, m in enumerate(MODALITIES)}
+
+# Caption fields of a sample's ``json`` member, in the order they are concatenated (Eq. 2).
+CAPTION_FIELDS: tuple[str, ...] = ("vision", "audio", "subtitle", "depth")
+# Separator placed between concatenated captions.
+CAPTION_SEP = " ; "
+
+# Shard member extensions per modality (first match wins when several are present).
+IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+VIDEO_EXTS: tuple[str, ...] = ("mp4", "webm", "gif")
+FRAME_PREFIX = "frame"  # pre-extracted video frames: frame0.jpg, frame1.jpg, ...
+AUDIO_EXTS: tuple[str, ...] = ("flac", "wav", "mp3")
+DEPTH_EXTS: tuple[str, ...] = ("depth.png", "depth.npy")
+NORMAL_EXTS: tuple[str, ...] = ("normal.png",)
+JSON_EXT = "json"
+TXT_EXT = "txt"
+
+# Keys of the tensors/metadata in a batch.
+TEXT_IDS = "text_ids"
+TEXT_MASK = "text_mask"
+SAMPLE_SOURCE = "sample_source"
+KEYS = "keys"
+CAPTIONS = "captions"
+CORPUS = "corpus"
+
+# Size index written next to shards by tools/make_shards.py: {"shard-000000.tar": n_samples, ...}
+SIZES_FILE = "sizes.json"
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """What the model needs to know of the tokenizer (built by mico_ds.data.tokenizer)."""
+
+    vocab_size: int  # len(tokenizer), including added tokens such as <mask> and <pad>
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    mask_id: int  # the generation objective's <mask> (MiCo Eq. 6)
