@@ -38,7 +38,9 @@ class InputConfig:
     """Geometry and normalization of every modality; shared by the data pipeline and the model."""
 
     image_size: int = _f(224, "Side of the square image / frame / depth / normal input, in pixels.")
-    num_frames: int = _f(8, "Video frames sampled per clip (uniform segments; random in train, middle in eval).")
+    num_frames: int = _f(
+        8, "Video frames sampled per clip (uniform segments; random in train, middle in eval)."
+    )
     eval_num_frames: int | None = _f(None, "Frames per video at evaluation (default: num_frames).")
     sample_rate: int = _f(16000, "Audio is converted to mono at this rate before the filterbank.")
     mel_bins: int = _f(64, "Kaldi log-mel filterbank bins (MiCo audio processor).")
@@ -75,7 +77,9 @@ class DataConfig:
     corpora: list[CorpusConfig] = _f([], "Training corpora, mixed step by step by a seeded schedule.")
     val_shards: str | None = _f(None, "Held-out shards for in-training retrieval evaluation.")
     val_modalities: list[str] = _f(["image"], "Modalities of the held-out samples used for evaluation.")
-    tokenizer: str = _f("", "SentencePiece tokenizer.model (Llama-2's, or one trained by tools/train_tokenizer.py).")
+    tokenizer: str = _f(
+        "", "SentencePiece tokenizer.model (Llama-2's, or one trained by tools/train_tokenizer.py)."
+    )
     text_max_len: int = _f(64, "Maximum text tokens (concatenated captions) per sample.")
     num_workers: int = _f(2, "Data-loader worker processes per rank and corpus.")
     shuffle_buffer: int = _f(256, "Samples in each worker's shuffle buffer (flushed at chunk ends).")
@@ -161,7 +165,9 @@ class ObjectiveConfig:
     matching_weight: float = _f(1.0, "Weight of the matching loss with hard negatives (Eq. 5).")
     generation_weight: float = _f(1.0, "Weight of the masked causal caption generation loss (Eq. 6).")
     mask_ratio: float = _f(0.6, "Fraction of caption tokens replaced by <mask> for generation (paper: 60%).")
-    init_temperature: float = _f(0.07, "Initial softmax temperature (tau = 1/temperature, log-parameterized).")
+    init_temperature: float = _f(
+        0.07, "Initial softmax temperature (tau = 1/temperature, log-parameterized)."
+    )
     max_logit_scale: float = _f(100.0, "Clamp of the learnable logit scale, applied in the forward pass.")
     contrastive_tile: int = _f(1024, "Tile size of the memory-efficient contrastive kernel.")
 
@@ -197,7 +203,9 @@ class TrainConfig:
     log_every: int = _f(10, "Steps between metric records.")
     save_every: int = _f(500, "Steps between checkpoints (0: only at the end).")
     eval_every: int = _f(0, "Steps between in-training evaluations (0: only at the end).")
-    max_minutes: float = _f(0.0, "Wall-clock budget: save and exit cleanly after this many minutes (0: none).")
+    max_minutes: float = _f(
+        0.0, "Wall-clock budget: save and exit cleanly after this many minutes (0: none)."
+    )
     deterministic: bool = _f(False, "Deterministic algorithms (for golden-loss tests).")
     dist_timeout_s: float = _f(600.0, "Process-group timeout: a dead rank ends the job within this time.")
     progress: bool = _f(True, "Progress bar on rank 0.")
@@ -290,8 +298,11 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ValueError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if tp is float and not isinstance(value, bool):
+        try:  # YAML 1.1 reads "3e-4" (no dot) as a string: the field's type decides
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected a number, got {value!r}") from None
     if tp is Any:
         return value
     if tp in (int, str, bool) and not isinstance(value, tp):
@@ -337,14 +348,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ValueError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
-    if isinstance(value, float) is False and isinstance(value, str):
-        # YAML reads 3e-4 as a string (no dot); accept scientific notation as a float.
-        try:
-            value = float(value) if any(ch in value for ch in "eE") and value[0] in "+-.0123456789" else value
-        except ValueError:
-            pass
-    return key, value
+    return key, (yaml.safe_load(raw) if raw != "" else "")
 
 
 def load_config(recipe: str, overrides: list[str] | None = None) -> RunConfig:

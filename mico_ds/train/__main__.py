@@ -1,0 +1,120 @@
+"""Pretrain a MiCo model with DeepSpeed.
+
+    # demo: generates the demo corpus if needed and launches 2 CPU ranks itself
+    python -m mico_ds.train --recipe demo
+
+    # one node, G processes (GPUs, or CPU ranks with gloo)
+    deepspeed --num_gpus G -m mico_ds.train --recipe NAME --run-dir DIR [--section.key=value ...]
+
+    # N nodes (see launch/slurm_pretrain.sh, which writes the hostfile and starts one launcher per node)
+    deepspeed --hostfile HOSTS --no_ssh --node_rank R --master_addr A --master_port P \
+        -m mico_ds.train --recipe NAME --run-dir DIR --resume latest
+
+    # torchrun-style environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) works too.
+
+Overrides are dotted config keys (``--optim.lr=3e-4 --train.max_steps=100``); ``--help-config`` lists
+them all with their documentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mico_ds.config import help_text, list_recipes, load_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(
+        prog="python -m mico_ds.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--recipe", default="demo", help=f"recipe name or YAML path; one of {list_recipes()}")
+    p.add_argument("--run-dir", default=None, help="run directory (default: runs/<recipe>-<timestamp>)")
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint tag (stepNNNNNNNN) in RUN_DIR")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even if seed/batch/world size changed (sample order not exact; warns)",
+    )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="when not started by a launcher: processes to launch via `deepspeed` "
+        "(default: the recipe's launch.nproc, else 1)",
+    )
+    p.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    args, rest = p.parse_known_args(argv)
+    bad = [a for a in rest if not a.startswith("--") or "=" not in a]
+    if bad:
+        p.error(f"unrecognized arguments {bad}; config overrides look like --section.key=value")
+    return args, rest
+
+
+def self_launch(args: argparse.Namespace, overrides: list[str], nproc: int) -> int:
+    """Re-run this command under the deepspeed launcher with ``nproc`` local processes."""
+    cmd = [
+        "deepspeed",
+        "--num_gpus",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        "--no_local_rank",
+        "--module",
+        "mico_ds.train",
+        "--recipe",
+        args.recipe,
+        "--run-dir",
+        args.run_dir,
+    ]
+    if args.resume:
+        cmd += ["--resume", args.resume]
+    if args.allow_config_change:
+        cmd.append("--allow-config-change")
+    cmd += overrides
+    print("launching:", " ".join(cmd), flush=True)
+    env = dict(os.environ, MICO_SELF_LAUNCHED="1")
+    return subprocess.call(cmd, env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.help_config:
+        print(help_text())
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.recipe, overrides)
+    launched = any(k in os.environ for k in ("RANK", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK"))
+    if args.run_dir is None:
+        args.run_dir = str(Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    nproc = args.nproc or int(cfg.launch.get("nproc", 1))
+    if not launched and nproc > 1:
+        return self_launch(args, overrides, nproc)
+    from mico_ds.train.loop import Trainer
+
+    trainer = Trainer(
+        cfg, Path(args.run_dir), resume=args.resume, allow_config_change=args.allow_config_change
+    )
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

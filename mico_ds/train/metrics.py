@@ -1,0 +1,110 @@
+"""Run-directory outputs: metrics.jsonl, TensorBoard events, summary.json; throughput and MFU."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from mico_ds.config import RunConfig
+
+
+class MetricsWriter:
+    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard.
+
+    Only rank 0 writes; other ranks get a writer whose methods do nothing.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+            except ImportError:  # tensorboard is a requirement, but logging must never stop a run
+                self.tb = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.tb is not None:
+            step = int(record.get("step", 0))
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    f = Path(run_dir) / "metrics.jsonl"
+    if not f.exists():
+        return []
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+
+
+class Throughput:
+    """Samples/s over a sliding window of steps."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.samples = 0
+
+    def add(self, n: int) -> None:
+        self.samples += n
+
+    def rate(self) -> float:
+        dt = time.perf_counter() - self.t0
+        r = self.samples / dt if dt > 0 else 0.0
+        self.t0, self.samples = time.perf_counter(), 0
+        return r
+
+
+def train_flops_per_sample(cfg: RunConfig, modalities: list[str], text_len: int, vocab_size: int) -> float:
+    """Training FLOPs per sample, written out (forward + backward = 3x forward; matmuls only).
+
+    A transformer layer of width d, MLP width f, sequence n costs forward
+        2 * n * (4 d^2 + 2 d f)  (qkv + out projections, MLP)  +  4 * n^2 * d  (scores and weighted sum),
+    as in Kaplan et al. 2020 / nanoGPT's estimate_mfu (which uses 6N + 12 L d n per token).
+    Vision: one ViT pass per frame/clip; context fusion layers over the context; Llama: the text-only pass
+    (n = text_len), the matching pass over 3 sequences (prefix + text) and the generation pass (prefix +
+    text), each with the LM head only where used (generation).
+    """
+    v, t, inp, ctxc = cfg.model.vision, cfg.model.text, cfg.inputs, cfg.model.context
+
+    def layer(n: int, d: int, f: int) -> float:
+        return 2 * n * (4 * d * d + 2 * d * f) + 4 * n * n * d
+
+    grid = (inp.image_size // v.patch_size) ** 2 + 1
+    agrid = (inp.mel_bins // v.audio_patch_size) * (inp.clip_frames // v.audio_patch_size) + 1
+    frames = {"image": 1, "video": inp.num_frames, "audio": inp.num_clips, "depth": 1, "normal": 1}
+    fwd = 0.0
+    ctx_len = 1
+    for m in modalities:
+        n = agrid if m == "audio" else grid
+        fwd += frames[m] * v.depth * layer(n, v.width, v.mlp_dim)
+        ctx_len += frames[m] * ctxc.tokens_per_frame
+    fwd += ctxc.fusion_layers * layer(ctx_len, v.width, v.mlp_dim)
+    prefix = ctx_len if ctxc.prefix_tokens is None else min(ctx_len, ctxc.prefix_tokens)
+    kv = t.num_kv_heads or t.num_heads
+    d_kv = t.hidden_size * kv // t.num_heads
+
+    def llama(n: int) -> float:
+        d, f = t.hidden_size, t.intermediate_size
+        per = 2 * n * (2 * d * d + 2 * d * d_kv + 3 * d * f) + 4 * n * n * d
+        return t.num_layers * per
+
+    fwd += llama(text_len) + 3 * llama(prefix + text_len) + llama(prefix + text_len)
+    fwd += 2 * text_len * t.hidden_size * vocab_size  # LM head of the generation pass
+    return 3 * fwd
