@@ -154,3 +154,49 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+class Pending:
+    """A collective in flight; ``wait()`` blocks until it is done and returns its result tensor."""
+
+    def __init__(self, tensor: torch.Tensor, work: Any = None) -> None:
+        self._tensor = tensor
+        self._work = work
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()  # on NCCL: orders the current stream after the collective
+            self._work = None
+        return self._tensor
+
+
+def all_gather_chunks_async(x: torch.Tensor) -> list[Pending]:
+    """Start gathering ``x`` (same shape on every rank) as one broadcast per source rank.
+
+    Returns one ``Pending`` per rank (element k yields rank k's tensor; this rank's entry is ``x``
+    itself, ready at once), so a caller can compute on the chunks already arrived while the others
+    are in flight (a per-chunk all-gather). Every rank issues the broadcasts in rank order. Not
+    differentiable; with one process, ``[Pending(x)]``.
+    """
+    if not is_initialized() or get_world_size() == 1:
+        return [Pending(x)]
+    x = x.contiguous()
+    out: list[Pending] = []
+    for src in range(get_world_size()):
+        buf = x if src == get_rank() else torch.empty_like(x)
+        work = dist.broadcast(buf, src=src, async_op=True)
+        out.append(Pending(buf, work) if src != get_rank() else Pending(x, work))
+    return out
+
+
+def reduce_sum_async(x: torch.Tensor, dst: int) -> Pending:
+    """Start summing ``x`` over ranks into rank ``dst``; ``wait()`` gives the sum on ``dst``.
+
+    ``x`` is cloned (the collective may overwrite its buffer on other ranks too). Issued in the same
+    order on every rank, one per destination, this is a reduce-scatter whose pieces can overlap with
+    the compute of the next piece. With one process, ``Pending(x)``.
+    """
+    if not is_initialized() or get_world_size() == 1:
+        return Pending(x)
+    buf = x.detach().contiguous().clone()
+    return Pending(buf, dist.reduce(buf, dst=dst, op=dist.ReduceOp.SUM, async_op=True))

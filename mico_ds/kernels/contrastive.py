@@ -1,0 +1,255 @@
+"""Memory-efficient omni-modal contrastive loss (MiCo Eq. 4) over all-gathered features.
+
+Semantics are exactly those of ``open_clip.loss.ClipLoss(local_loss=True, gather_with_grad=True)``:
+with this rank's L2-normalized features z, t (b, E), the features Z, T (N, E) gathered from all W
+ranks (N = W*b, rank r's rows at [r*b, (r+1)*b)), s = logit_scale and g(i) = r*b + i,
+
+    loss = 1/2 mean_i [lse_j(s <z_i, T_j>) - s <z_i, t_i>] + 1/2 mean_i [lse_j(s <t_i, Z_j>) - s <t_i, z_i>]
+
+(the positive logit s <z_i, T_g(i)> is s <z_i, t_i> since T_g(i) is t_i). The b x N logits are never
+materialized: the forward streams over column tiles keeping only the per-row log-sum-exp of both
+directions; the backward recomputes each tile, P = exp(logits - lse), and turns it into gradients of
+the local features, of the gathered features and of s. Gradients of gathered rows go back to their
+owning rank as a sum over ranks (what ``all_gather_with_grad``'s backward does: all_reduce(SUM), then
+the local slice), here as one reduce per owning rank, started as soon as that chunk is done.
+
+Communication is per rank-chunk: the forward starts one broadcast per source rank and computes on
+its own chunk, then on each other chunk as it arrives; the backward walks the chunks in rank order
+(the same order on every rank, as collectives must be issued) and starts the reduce of chunk k while
+computing chunk k+1. Extra memory: O(b x tile) for the logits tiles (the gathered features themselves,
+O(N x E), are kept for the backward exactly as ClipLoss keeps them).
+
+Two implementations of the per-chunk work: PyTorch tiles (CPU path; fp32 math, ``tile`` columns at a
+time) and Triton kernels (``_triton_contrastive``: fused logits/online-LSE forward and fused
+recompute backward, flash-attention style; ``tile`` is unused there, on-chip blocks bound the memory).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mico_ds import distributed as mdist
+from mico_ds.kernels._backend import load_triton_module, use_triton
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch tiled blocks: q (b, E) fp32 rows against the rows of one gathered chunk k_rows (n, E).
+
+
+def _lse_block_torch(q: torch.Tensor, k_rows: torch.Tensor, s: torch.Tensor, tile: int) -> torch.Tensor:
+    """(b,) log-sum-exp over the chunk's columns of s * q k_rows^T, streamed ``tile`` columns at a time."""
+    lse = torch.full((q.shape[0],), float("-inf"), dtype=torch.float32, device=q.device)
+    for c0 in range(0, k_rows.shape[0], tile):
+        logits = torch.mm(q, k_rows[c0 : c0 + tile].float().T).mul_(s)  # (b, tile)
+        lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
+        del logits
+    return lse
+
+
+def _bwd_block_torch(
+    q: torch.Tensor, k_rows: torch.Tensor, s: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor, tile: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of coef * sum_i lse_i restricted to this chunk's columns.
+
+    With G = coef * exp(s q k^T - lse) (the softmax rows, recomputed tile by tile):
+    dq = s G k, dk = s G^T q, ds = sum(G * q k^T). Returns (dq (b, E), dk (n, E), ds ()) in fp32.
+    """
+    dq = torch.zeros_like(q)
+    dk = torch.empty((k_rows.shape[0], q.shape[1]), dtype=torch.float32, device=q.device)
+    ds = torch.zeros((), dtype=torch.float32, device=q.device)
+    for c0 in range(0, k_rows.shape[0], tile):
+        kt = k_rows[c0 : c0 + tile].float()
+        raw = torch.mm(q, kt.T)  # (b, tile) <q_i, k_j>
+        g = torch.addcmul(-lse[:, None], raw, s).exp_().mul_(coef)  # coef * softmax, in place
+        ds += torch.dot(g.view(-1), raw.view(-1))
+        del raw
+        dq.addmm_(g, kt)
+        torch.mm(g.T, q, out=dk[c0 : c0 + tile])
+        del g
+    return dq.mul_(s), dk.mul_(s), ds
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class _ContrastiveLSE(torch.autograd.Function):
+    """1/2 mean_i lse_j(s <z_i, T_j>) + 1/2 mean_i lse_j(s <t_i, Z_j>), gathered and tiled.
+
+    The positive-logit term of Eq. 4 is added outside with plain autograd (it is local: s <z_i, t_i>).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor, tile: int, triton: bool
+    ) -> torch.Tensor:
+        b, E = z.shape
+        world, rank = mdist.get_world_size(), mdist.get_rank()
+        # One broadcast per source rank of [z | t] (b, 2E); this rank's chunk is ready at once.
+        pending = mdist.all_gather_chunks_async(torch.cat([z.detach(), t.detach()], dim=1))
+        s32 = s.detach().float()
+        tk = load_triton_module("_triton_contrastive") if triton else None
+        zq, tq = (z.detach(), t.detach()) if triton else (z.detach().float(), t.detach().float())
+        lse_zt = torch.full((b,), float("-inf"), dtype=torch.float32, device=z.device)
+        lse_tz = torch.full_like(lse_zt, float("-inf"))
+        chunks: list[torch.Tensor] = [z] * world  # placeholders, filled below
+        for step in range(world):
+            k = (rank + step) % world  # own chunk first, then the others as they arrive
+            chunk = pending[k].wait()
+            chunks[k] = chunk
+            Zk, Tk = chunk[:, :E], chunk[:, E:]
+            if tk is not None:
+                lse_zt = torch.logaddexp(lse_zt, tk.lse_block(zq, Tk, s32))
+                lse_tz = torch.logaddexp(lse_tz, tk.lse_block(tq, Zk, s32))
+            else:
+                lse_zt = torch.logaddexp(lse_zt, _lse_block_torch(zq, Tk, s32, tile))
+                lse_tz = torch.logaddexp(lse_tz, _lse_block_torch(tq, Zk, s32, tile))
+        ctx.save_for_backward(z, t, s, lse_zt, lse_tz)
+        ctx.chunks, ctx.tile, ctx.triton = chunks, tile, triton
+        return 0.5 * (lse_zt.mean() + lse_tz.mean())
+
+    @staticmethod
+    def backward(ctx: Any, gout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        z, t, s, lse_zt, lse_tz = ctx.saved_tensors
+        chunks: list[torch.Tensor] = ctx.chunks
+        b, E = z.shape
+        rank = mdist.get_rank()
+        s32 = s.detach().float()
+        coef = (0.5 / b) * gout.float()  # d loss / d lse_i (a tensor: no host sync)
+        tk = load_triton_module("_triton_contrastive") if ctx.triton else None
+        zq, tq = (z.detach(), t.detach()) if tk is not None else (z.detach().float(), t.detach().float())
+        dz = torch.zeros((b, E), dtype=torch.float32, device=z.device)
+        dt = torch.zeros_like(dz)
+        ds = torch.zeros((), dtype=torch.float32, device=z.device)
+        reduces: list[mdist.Pending] = []
+        for k, chunk in enumerate(chunks):  # rank order on every rank: reduces are issued identically
+            Zk, Tk = chunk[:, :E], chunk[:, E:]
+            if tk is not None:
+                dq1, dT_k, ds1 = tk.bwd_block(zq, Tk, s32, lse_zt, coef)
+                dq2, dZ_k, ds2 = tk.bwd_block(tq, Zk, s32, lse_tz, coef)
+            else:
+                dq1, dT_k, ds1 = _bwd_block_torch(zq, Tk, s32, lse_zt, coef, ctx.tile)
+                dq2, dZ_k, ds2 = _bwd_block_torch(tq, Zk, s32, lse_tz, coef, ctx.tile)
+            dz += dq1
+            dt += dq2
+            ds += ds1 + ds2
+            # Rank k owns chunk k: it receives the sum over ranks of d loss_r / d [Z_k | T_k].
+            reduces.append(mdist.reduce_sum_async(torch.cat([dZ_k, dT_k], dim=1), dst=k))
+            del dT_k, dZ_k
+        mine = [p.wait() for p in reduces][rank]
+        dz += mine[:, :E]
+        dt += mine[:, E:]
+        ctx.chunks = None
+        return dz.to(z.dtype), dt.to(t.dtype), ds.to(s.dtype), None, None
+
+
+def _check_features(v_z: torch.Tensor, v_t: torch.Tensor, logit_scale: torch.Tensor, tile: int) -> None:
+    if v_z.ndim != 2 or v_z.shape != v_t.shape:
+        raise ValueError(
+            f"contrastive_loss_tiled: v_z and v_t must both be (b, E), got {tuple(v_z.shape)} "
+            f"and {tuple(v_t.shape)}"
+        )
+    if v_z.dtype != v_t.dtype:
+        raise ValueError(f"contrastive_loss_tiled: v_z is {v_z.dtype} but v_t is {v_t.dtype}")
+    if logit_scale.numel() != 1:
+        raise ValueError(
+            f"contrastive_loss_tiled: logit_scale must hold one value, got shape {tuple(logit_scale.shape)}"
+        )
+    if tile < 1:
+        raise ValueError(f"contrastive_loss_tiled: tile must be >= 1, got {tile}")
+
+
+def contrastive_loss_tiled(
+    v_z: torch.Tensor,
+    v_t: torch.Tensor,
+    logit_scale: torch.Tensor,
+    tile: int = 1024,
+    impl: str = "torch",
+) -> torch.Tensor:
+    """MiCo Eq. 4 over the features of all ranks, without materializing the (b, N) logits.
+
+    Args:
+        v_z: (b, E) this rank's L2-normalized omni-modal features (fp32 or bf16). Every rank must
+            pass the same b.
+        v_t: (b, E) this rank's L2-normalized text features, same dtype.
+        logit_scale: one-element tensor s multiplying the cosine similarities (the exponentiated
+            learnable temperature, as ``ClipLoss`` takes it); it may require grad.
+        tile: global columns per PyTorch tile (extra memory ~ a few b x tile fp32 buffers).
+        impl: "torch" (tiled PyTorch, any device) | "triton" (fused kernels; CPU only under
+            TRITON_INTERPRET=1) | "auto" (Triton on CUDA, PyTorch elsewhere).
+
+    Returns:
+        The fp32 scalar loss of this rank, equal to ``ClipLoss(local_loss=True, gather_with_grad=True)``
+        (its gradients w.r.t. v_z, v_t include the other ranks' losses, as with gather-with-grad).
+    """
+    _check_features(v_z, v_t, logit_scale, tile)
+    triton = use_triton(impl, v_z.device, "contrastive_loss_tiled")
+    s = logit_scale.reshape(())
+    lse_term = _ContrastiveLSE.apply(v_z, v_t, s, tile, triton)
+    positive = (v_z.float() * v_t.float()).sum(dim=1)  # <z_i, t_i>, shared by both directions
+    return lse_term - s.float() * positive.mean()
+
+
+@torch.no_grad()
+def sample_hard_negatives_tiled(
+    q_local: torch.Tensor,
+    k_global: torch.Tensor,
+    logit_scale: torch.Tensor,
+    positive_idx: torch.Tensor,
+    generator: torch.Generator | None = None,
+    tile: int = 1024,
+) -> torch.Tensor:
+    """One index per row drawn from softmax_j(s <q_i, k_j>) over j != positive_idx[i].
+
+    Gumbel-max over column tiles with a running maximum: argmax_j (s <q_i, k_j> + G_ij), G iid
+    Gumbel(0, 1), is a draw from the softmax, and the maximum can be kept tile by tile, so the
+    (b, N) matrix is never materialized. No host sync.
+
+    Args:
+        q_local: (b, E) this rank's query features.
+        k_global: (N, E) candidate features of the global batch (N >= 2).
+        logit_scale: one-element tensor s.
+        positive_idx: (b,) int64 column of each row's positive, excluded from the draw.
+        generator: random generator on q_local's device (None: the default one).
+        tile: columns per tile.
+
+    Returns:
+        (b,) int64 indices into k_global, never equal to positive_idx.
+    """
+    if q_local.ndim != 2 or k_global.ndim != 2 or q_local.shape[1] != k_global.shape[1]:
+        raise ValueError(
+            f"sample_hard_negatives_tiled: q_local (b, E) and k_global (N, E) must share E, got "
+            f"{tuple(q_local.shape)} and {tuple(k_global.shape)}"
+        )
+    b, n = q_local.shape[0], k_global.shape[0]
+    if n < 2:
+        raise ValueError(f"sample_hard_negatives_tiled: need >= 2 candidates (one is the positive), N={n}")
+    if positive_idx.shape != (b,):
+        raise ValueError(
+            f"sample_hard_negatives_tiled: positive_idx must be ({b},), got {tuple(positive_idx.shape)}"
+        )
+    if tile < 1:
+        raise ValueError(f"sample_hard_negatives_tiled: tile must be >= 1, got {tile}")
+    q = q_local.float()
+    s = logit_scale.detach().float().reshape(())
+    pos = positive_idx.to(device=q.device, dtype=torch.long)
+    best = torch.full((b,), float("-inf"), dtype=torch.float32, device=q.device)
+    best_idx = torch.zeros((b,), dtype=torch.long, device=q.device)
+    for c0 in range(0, n, tile):
+        kt = k_global[c0 : c0 + tile].float()
+        scores = torch.mm(q, kt.T).mul_(s)  # (b, tile)
+        # + Gumbel(0, 1) = - log(Exp(1)); drawn in place to keep one (b, tile) buffer.
+        noise = torch.empty_like(scores).exponential_(generator=generator).log_()
+        scores.sub_(noise)
+        del noise
+        # Exclude each row's positive when it falls in this tile (scatter of -inf, no boolean indexing).
+        local = pos - c0
+        inside = (local >= 0) & (local < kt.shape[0])
+        col = local.clamp(0, kt.shape[0] - 1)[:, None]
+        keep = scores.gather(1, col)
+        scores.scatter_(1, col, torch.where(inside[:, None], float("-inf"), keep))
+        tile_max, tile_arg = scores.max(dim=1)
+        better = tile_max > best
+        best = torch.where(better, tile_max, best)
+        best_idx = torch.where(better, tile_arg + c0, best_idx)
+    return best_idx
