@@ -25,6 +25,17 @@ INTERPRETED: bool = bool(knobs.runtime.interpret)
 
 
 @triton.jit
+def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation. UPCAST (interpreter with bf16 operands only): triton 3.8's
+    interpreter multiplies bf16 tensors as their uint16 storage, so the operands, already rounded
+    to bf16, are widened to fp32 first; bf16 x bf16 products are exact in fp32, so this matches the
+    tensor-core result up to summation order."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
 def _lse_fwd_kernel(
     q_ptr,
     k_ptr,
@@ -36,6 +47,7 @@ def _lse_fwd_kernel(
     stride_q,
     stride_k,
     PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -63,7 +75,7 @@ def _lse_fwd_kernel(
                 mask=mask_n[:, None] & mask_e[None, :],
                 other=0.0,
             )
-            acc += tl.dot(q, tl.trans(k), input_precision=PREC)
+            acc += _dot(q, tl.trans(k), PREC, UPCAST)
         logits = tl.where(mask_n[None, :], acc * s, float("-inf"))
         # Online log-sum-exp: every tile has a valid column, so m_new is finite after the first.
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
@@ -87,6 +99,7 @@ def _bwd_dq_kernel(
     stride_q,
     stride_k,
     PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     E_PAD: tl.constexpr,
@@ -114,11 +127,11 @@ def _bwd_dq_kernel(
             mask=mask_n[:, None] & mask_e[None, :],
             other=0.0,
         )
-        raw = tl.dot(q, tl.trans(k), input_precision=PREC)  # (BLOCK_M, BLOCK_N) <q_i, k_j>
+        raw = _dot(q, tl.trans(k), PREC, UPCAST)  # (BLOCK_M, BLOCK_N) <q_i, k_j>
         g = tl.exp(raw * s - lse[:, None]) * coef
         g = tl.where(mask_m[:, None] & mask_n[None, :], g, 0.0)
         ds_rows += tl.sum(g * raw, axis=1)
-        dq += tl.dot(g.to(k.dtype), k, input_precision=PREC)
+        dq += _dot(g.to(k.dtype), k, PREC, UPCAST)
     tl.store(
         dq_ptr + offs_m[:, None].to(tl.int64) * E + offs_e[None, :],
         dq * s,
@@ -141,6 +154,7 @@ def _bwd_dk_kernel(
     stride_q,
     stride_k,
     PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     E_PAD: tl.constexpr,
@@ -167,10 +181,10 @@ def _bwd_dk_kernel(
             other=0.0,
         )
         lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
-        raw = tl.dot(q, tl.trans(k), input_precision=PREC)
+        raw = _dot(q, tl.trans(k), PREC, UPCAST)
         g = tl.exp(raw * s - lse[:, None]) * coef
         g = tl.where(mask_m[:, None] & mask_n[None, :], g, 0.0)
-        dk += tl.dot(tl.trans(g).to(q.dtype), q, input_precision=PREC)
+        dk += _dot(tl.trans(g).to(q.dtype), q, PREC, UPCAST)
     tl.store(
         dk_ptr + offs_n[:, None].to(tl.int64) * E + offs_e[None, :],
         dk * s,
@@ -181,6 +195,10 @@ def _bwd_dk_kernel(
 def _prec(x: torch.Tensor) -> str:
     # fp32 features: exact fp32 products (TF32 would cost ~1e-3 relative on logits scaled by s ~ 100).
     return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def _upcast(x: torch.Tensor) -> bool:
+    return INTERPRETED and x.dtype != torch.float32
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -212,6 +230,7 @@ def lse_block(q: torch.Tensor, k_rows: torch.Tensor, s: torch.Tensor) -> torch.T
         q.stride(0),
         k_rows.stride(0),
         PREC=_prec(q),
+        UPCAST=_upcast(q),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_E=block_e,
@@ -231,7 +250,9 @@ def bwd_block(
     dk = torch.empty((N, E), dtype=torch.float32, device=q.device)
     ds_rows = torch.empty((M,), dtype=torch.float32, device=q.device)
     s1, c1, lse = s.reshape(1), coef.reshape(1).float(), lse.contiguous()
-    common = dict(PREC=_prec(q), BLOCK_M=block_m, BLOCK_N=block_n, E_PAD=e_pad, num_warps=warps)
+    common = dict(
+        PREC=_prec(q), UPCAST=_upcast(q), BLOCK_M=block_m, BLOCK_N=block_n, E_PAD=e_pad, num_warps=warps
+    )
     _bwd_dq_kernel[(triton.cdiv(M, block_m),)](
         q, k_rows, s1, lse, c1, dq, ds_rows, M, N, E, q.stride(0), k_rows.stride(0), **common
     )

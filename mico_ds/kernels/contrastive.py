@@ -61,7 +61,8 @@ def _bwd_block_torch(
     for c0 in range(0, k_rows.shape[0], tile):
         kt = k_rows[c0 : c0 + tile].float()
         raw = torch.mm(q, kt.T)  # (b, tile) <q_i, k_j>
-        g = torch.addcmul(-lse[:, None], raw, s).exp_().mul_(coef)  # coef * softmax, in place
+        # Same op order as the forward (mm, * s), so the recomputed logits are bit-identical.
+        g = (raw * s).sub_(lse[:, None]).exp_().mul_(coef)  # coef * softmax, in place
         ds += torch.dot(g.view(-1), raw.view(-1))
         del raw
         dq.addmm_(g, kt)

@@ -1,0 +1,43 @@
+"""Kernel tests run the Triton kernels in Triton's CPU interpreter when there is no GPU.
+
+Triton 3.x reads TRITON_INTERPRET when ``@triton.jit`` decorates a kernel, i.e. when
+``mico_ds.kernels._triton_*`` is first imported (lazily, by the first fused call), so it is set here,
+at collection time, before any test can trigger that import. Spawned ranks inherit it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.unit.kernels._helpers import fresh_seed
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def triton_device() -> str:
+    """Device for impl='triton' tests; skips (with the reason) only if Triton cannot run at all here."""
+    from mico_ds.kernels._backend import interpret_requested, load_triton_module, triton_import_error
+
+    err = triton_import_error()
+    if err is not None:
+        pytest.skip(f"triton cannot be imported here: {err}")
+    if DEVICE == "cpu" and not interpret_requested():
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1 (set to 0 by the caller)")
+    try:
+        load_triton_module("_triton_context_embed")
+        load_triton_module("_triton_contrastive")
+    except RuntimeError as e:  # imported earlier in the other mode by something outside these tests
+        pytest.skip(str(e))
+    return DEVICE
+
+
+@pytest.fixture
+def rng() -> torch.Generator:
+    return torch.Generator().manual_seed(fresh_seed())
