@@ -274,6 +274,45 @@ def iter_tar_samples(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]
         yield key, members
 
 
+def member_modalities(exts: Iterable[str]) -> list[str]:
+    """Knowledge modalities (schema.MODALITIES order) present among a sample's member extensions."""
+    exts = set(exts)
+    found = {
+        "image": any(e in exts for e in schema.IMAGE_EXTS),
+        "video": any(e in exts for e in schema.VIDEO_EXTS)
+        or any(e.startswith(schema.FRAME_PREFIX) for e in exts),
+        "audio": any(e in exts for e in schema.AUDIO_EXTS),
+        "depth": any(e in exts for e in schema.DEPTH_EXTS),
+        "normal": any(e in exts for e in schema.NORMAL_EXTS),
+    }
+    return [m for m in schema.MODALITIES if found[m]]
+
+
+def scan_shards(shards: str | Path | Sequence[str | Path]) -> list[dict[str, Any]]:
+    """One record per sample of the shards: ``{"key", "category", "modalities", "shard"}``.
+
+    The category comes from the json member (None when there is none, e.g. img2dataset txt shards).
+    """
+    records = []
+    for shard in expand_shards(shards):
+        for key, members in iter_tar_samples(shard):
+            category = None
+            if schema.JSON_EXT in members:
+                try:
+                    category = json.loads(members[schema.JSON_EXT]).get("category")
+                except (json.JSONDecodeError, AttributeError) as e:
+                    raise ValueError(f"{shard}: sample {key!r} has an invalid json member: {e}") from e
+            records.append(
+                {
+                    "key": key,
+                    "category": category,
+                    "modalities": member_modalities(members),
+                    "shard": str(shard),
+                }
+            )
+    return records
+
+
 # ----------------------------------------------------------------------------- manifest -> shards
 
 
