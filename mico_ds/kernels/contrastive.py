@@ -163,7 +163,7 @@ def _check_features(v_z: torch.Tensor, v_t: torch.Tensor, logit_scale: torch.Ten
 def contrastive_loss_tiled(
     v_z: torch.Tensor,
     v_t: torch.Tensor,
-    logit_scale: torch.Tensor,
+    logit_scale: torch.Tensor | float,
     tile: int = 1024,
     impl: str = "torch",
 ) -> torch.Tensor:
@@ -173,7 +173,7 @@ def contrastive_loss_tiled(
         v_z: (b, E) this rank's L2-normalized omni-modal features (fp32 or bf16). Every rank must
             pass the same b.
         v_t: (b, E) this rank's L2-normalized text features, same dtype.
-        logit_scale: one-element tensor s multiplying the cosine similarities (the exponentiated
+        logit_scale: one-element tensor (or a float) s multiplying the cosine similarities (the exponentiated
             learnable temperature, as ``ClipLoss`` takes it); it may require grad.
         tile: global columns per PyTorch tile (extra memory ~ a few b x tile fp32 buffers).
         impl: "torch" (tiled PyTorch, any device) | "triton" (fused kernels; CPU only under
@@ -183,6 +183,7 @@ def contrastive_loss_tiled(
         The fp32 scalar loss of this rank, equal to ``ClipLoss(local_loss=True, gather_with_grad=True)``
         (its gradients w.r.t. v_z, v_t include the other ranks' losses, as with gather-with-grad).
     """
+    logit_scale = torch.as_tensor(logit_scale, device=v_z.device)
     _check_features(v_z, v_t, logit_scale, tile)
     triton = use_triton(impl, v_z.device, "contrastive_loss_tiled")
     s = logit_scale.reshape(())
@@ -195,7 +196,7 @@ def contrastive_loss_tiled(
 def sample_hard_negatives_tiled(
     q_local: torch.Tensor,
     k_global: torch.Tensor,
-    logit_scale: torch.Tensor,
+    logit_scale: torch.Tensor | float,
     positive_idx: torch.Tensor,
     generator: torch.Generator | None = None,
     tile: int = 1024,
@@ -209,7 +210,7 @@ def sample_hard_negatives_tiled(
     Args:
         q_local: (b, E) this rank's query features.
         k_global: (N, E) candidate features of the global batch (N >= 2).
-        logit_scale: one-element tensor s.
+        logit_scale: one-element tensor (or a float) s.
         positive_idx: (b,) int64 column of each row's positive, excluded from the draw.
         generator: random generator on q_local's device (None: the default one).
         tile: columns per tile.
@@ -232,7 +233,7 @@ def sample_hard_negatives_tiled(
     if tile < 1:
         raise ValueError(f"sample_hard_negatives_tiled: tile must be >= 1, got {tile}")
     q = q_local.float()
-    s = logit_scale.detach().float().reshape(())
+    s = torch.as_tensor(logit_scale, device=q.device).detach().float().reshape(())
     pos = positive_idx.to(device=q.device, dtype=torch.long)
     best = torch.full((b,), float("-inf"), dtype=torch.float32, device=q.device)
     best_idx = torch.zeros((b,), dtype=torch.long, device=q.device)
