@@ -79,7 +79,9 @@ def expand_urls(spec: str | Sequence[str], root: str | None = None) -> list[str]
         raise ValueError(f"no shard URLs in {spec!r}")
     urls: list[str] = []
     for part in parts:
-        for u in _braceexpand(part):
+        missing: list[str] = []
+        expanded = _braceexpand(part)
+        for u in expanded:
             if u.startswith("pipe:"):
                 urls.append(u)
                 continue
@@ -97,7 +99,12 @@ def expand_urls(spec: str | Sequence[str], root: str | None = None) -> list[str]
             elif os.path.exists(path):
                 urls.append(path)
             else:
-                raise ValueError(f"shard {u!r} not found (looked for {path!r}; data.root={root!r})")
+                missing.append(path)
+        if missing:
+            raise ValueError(
+                f"{len(missing)} of {len(expanded)} shards of {part!r} not found (data.root={root!r}), "
+                f"e.g. {missing[:3]}"
+            )
     return urls
 
 
@@ -169,13 +176,14 @@ def iter_tar(url: str) -> Iterator[dict]:
                 key, ext = _split_name(ti.name)
                 if not ext or os.path.basename(key).startswith("__"):
                     continue  # WebDataset metadata members (__index__ ...) and extension-less files
+                if cur is not None and cur["__key__"] != key:
+                    yield cur  # complete: a new key starts (before reading it, which may fail)
+                    cur = None
+                if cur is None:
+                    cur = {"__key__": key, "__url__": url}
                 data = tf.extractfile(ti).read()
                 if len(data) != ti.size:
                     raise tarfile.ReadError(f"member {ti.name} truncated ({len(data)} of {ti.size} bytes)")
-                if cur is None or cur["__key__"] != key:
-                    if cur is not None:
-                        yield cur
-                    cur = {"__key__": key, "__url__": url}
                 cur[ext] = data
             if cur is not None:
                 yield cur
@@ -253,14 +261,16 @@ class StreamPlan:
         k = max(1, self.shards_per_chunk)
         return [shards[i : i + k] for i in range(0, len(shards), k)]
 
-    def raw_chunk(self, stream: int, chunk: list[str]) -> Iterator[dict]:
+    def raw_chunk(self, stream: int, index: int, chunk: list[str]) -> Iterator[dict]:
         """The chunk's samples interleaved over its shards, this stream's share only."""
         it = _round_robin([iter_tar(u) for u in chunk])
         if not self.split_by_sample:
             yield from it
             return
         for i, item in enumerate(it):
-            if i % self.num_streams == stream:
+            # Every stream sees the same sequence and keeps every n-th item; rotating the start by
+            # the chunk index spreads the remainders of short chunks over the streams.
+            if (i + index) % self.num_streams == stream:
                 yield item
 
     def shuffled(self, raw: Iterable[dict], stream: int, epoch: int, chunk: int) -> Iterator[dict]:
@@ -290,7 +300,7 @@ class StreamPlan:
             for c, shards in enumerate(self.chunks(stream, epoch)):
                 if c < chunk0:
                     continue
-                for i, item in enumerate(self.shuffled(self.raw_chunk(stream, shards), stream, epoch, c)):
+                for i, item in enumerate(self.shuffled(self.raw_chunk(stream, c, shards), stream, epoch, c)):
                     produced = True
                     if c == chunk0 and i < skip:
                         continue
@@ -468,7 +478,13 @@ class ShardStream(IterableDataset):
             if reason is not None:
                 stats.add(reason, item["__key__"])
                 local.add(reason, item["__key__"])
-                local.check(sp.corpus, sp.max_skip_rate, sp.min_samples_for_skip_rate)
+                try:
+                    local.check(sp.corpus, sp.max_skip_rate, sp.min_samples_for_skip_rate)
+                except ValueError as err:
+                    # Handed to the main process as a message (it raises): a clean error, and the
+                    # DataLoader's workers shut down promptly, unlike after an exception in a worker.
+                    yield {"_stream": j, "_error": str(err)}
+                    return
             if len(buf) == sp.batch_size:
                 yield emit()
                 taken += len(buf)
@@ -611,6 +627,9 @@ class CorpusLoader:
         if self._it is None:
             self._it = self._start()
         batch = next(self._it)
+        if "_error" in batch:
+            self.close()
+            raise ValueError(batch["_error"])
         j = batch.pop("_stream")
         expected = (self.rotation + self.consumed) % self.workers
         if j != expected:  # the DataLoader stopped delivering round-robin: resume would be wrong
@@ -769,6 +788,8 @@ class EvalLoader:
         self.stats = SkipStats()
         n = 0
         for batch in it:
+            if "_error" in batch:
+                raise ValueError(batch["_error"])
             st = batch["_stats"]
             self.stats.merge(st["seen"], st["skipped"], st["examples"])
             if batch.get("_empty"):
