@@ -65,7 +65,7 @@ LOCK_FILE = ".demo.lock"
 # ----------------------------------------------------------------------------- attribute space
 
 SIZES: tuple[str, ...] = ("small", "large")
-SIZE_RADIUS: dict[str, float] = {"small": 0.12, "large": 0.2}  # fraction of the image side
+SIZE_RADIUS: dict[str, float] = {"small": 0.12, "large": 0.22}  # fraction of the image side
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 170, 50),
@@ -512,7 +512,7 @@ def make_demo_corpus(
         (out / corpus).mkdir(exist_ok=True)
     tasks = _shard_tasks(params, codes, out)
     total = sum(len(c) for c in codes.values())
-    # Starting spawn workers costs about a second: not worth it for a tiny corpus unless asked for.
+    # Starting worker processes costs some 0.1-1 s: not worth it for a tiny corpus unless asked for.
     workers = min(workers or (default_workers() if total >= 512 else 1), len(tasks))
     sizes: dict[str, dict[str, int]] = {}
     with tqdm(total=total, desc="demo corpus", unit="sample", disable=not progress) as bar:
@@ -522,8 +522,10 @@ def make_demo_corpus(
                 sizes.setdefault(task[0], {})[Path(task[5]).name] = n
                 bar.update(n)
         else:
-            # spawn, not fork: the caller may be a trainer with threads (torch, gloo) that fork would copy.
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            # fork (as a DataLoader does): spawn would re-import the caller's __main__, which breaks for
+            # stdin and unguarded scripts. The children only use numpy/Pillow/PyAV/soundfile, never the
+            # parent's threads (torch, gloo), so copying a threaded parent is harmless here.
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
                 futures = [pool.submit(_write_shard, params, *t) for t in tasks]
                 for task, fut in zip(tasks, futures):
                     n = fut.result()
