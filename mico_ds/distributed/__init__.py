@@ -192,11 +192,13 @@ def all_gather_chunks_async(x: torch.Tensor) -> list[Pending]:
 def reduce_sum_async(x: torch.Tensor, dst: int) -> Pending:
     """Start summing ``x`` over ranks into rank ``dst``; ``wait()`` gives the sum on ``dst``.
 
-    ``x`` is cloned (the collective may overwrite its buffer on other ranks too). Issued in the same
-    order on every rank, one per destination, this is a reduce-scatter whose pieces can overlap with
-    the compute of the next piece. With one process, ``Pending(x)``.
+    ``x`` (contiguous) is the collective's buffer, reduced in place: pass a scratch tensor, whose
+    content on ranks other than ``dst`` is undefined afterwards. Issued in the same order on every
+    rank, one per destination, this is a reduce-scatter whose pieces can overlap with the compute of
+    the next piece. With one process, ``Pending(x)``.
     """
     if not is_initialized() or get_world_size() == 1:
         return Pending(x)
-    buf = x.detach().contiguous().clone()
-    return Pending(buf, dist.reduce(buf, dst=dst, op=dist.ReduceOp.SUM, async_op=True))
+    if not x.is_contiguous():
+        raise ValueError(f"reduce_sum_async needs a contiguous buffer, got strides {x.stride()}")
+    return Pending(x, dist.reduce(x, dst=dst, op=dist.ReduceOp.SUM, async_op=True))

@@ -48,15 +48,21 @@ def _lse_block_torch(q: torch.Tensor, k_rows: torch.Tensor, s: torch.Tensor, til
 
 
 def _bwd_block_torch(
-    q: torch.Tensor, k_rows: torch.Tensor, s: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor, tile: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q: torch.Tensor,
+    k_rows: torch.Tensor,
+    s: torch.Tensor,
+    lse: torch.Tensor,
+    coef: torch.Tensor,
+    tile: int,
+    dk: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of coef * sum_i lse_i restricted to this chunk's columns.
 
     With G = coef * exp(s q k^T - lse) (the softmax rows, recomputed tile by tile):
-    dq = s G k, dk = s G^T q, ds = sum(G * q k^T). Returns (dq (b, E), dk (n, E), ds ()) in fp32.
+    dq = s G k, dk = s G^T q, ds = sum(G * q k^T). Writes dk (n, E) fp32 (a view of the packed reduce
+    buffer) and returns (dq (b, E), ds ()) in fp32.
     """
     dq = torch.zeros_like(q)
-    dk = torch.empty((k_rows.shape[0], q.shape[1]), dtype=torch.float32, device=q.device)
     ds = torch.zeros((), dtype=torch.float32, device=q.device)
     for c0 in range(0, k_rows.shape[0], tile):
         kt = k_rows[c0 : c0 + tile].float()
@@ -66,9 +72,10 @@ def _bwd_block_torch(
         ds += torch.dot(g.view(-1), raw.view(-1))
         del raw
         dq.addmm_(g, kt)
-        torch.mm(g.T, q, out=dk[c0 : c0 + tile])
+        dk[c0 : c0 + tile] = torch.mm(g.T, q)
         del g
-    return dq.mul_(s), dk.mul_(s), ds
+    dk.mul_(s)
+    return dq.mul_(s), ds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,19 +93,24 @@ class _ContrastiveLSE(torch.autograd.Function):
     ) -> torch.Tensor:
         b, E = z.shape
         world, rank = mdist.get_world_size(), mdist.get_rank()
-        # One broadcast per source rank of [z | t] (b, 2E); this rank's chunk is ready at once.
-        pending = mdist.all_gather_chunks_async(torch.cat([z.detach(), t.detach()], dim=1))
+        pending: list[mdist.Pending] = []  # with one rank the only chunk is (z, t) itself: no copy
+        if world > 1:
+            # One broadcast per source rank of [z | t] (b, 2E); this rank's chunk is ready at once.
+            pending = mdist.all_gather_chunks_async(torch.cat([z.detach(), t.detach()], dim=1))
         s32 = s.detach().float()
         tk = load_triton_module("_triton_contrastive") if triton else None
         zq, tq = (z.detach(), t.detach()) if triton else (z.detach().float(), t.detach().float())
         lse_zt = torch.full((b,), float("-inf"), dtype=torch.float32, device=z.device)
         lse_tz = torch.full_like(lse_zt, float("-inf"))
-        chunks: list[torch.Tensor] = [z] * world  # placeholders, filled below
+        chunks: list[tuple[torch.Tensor, torch.Tensor]] = [None] * world  # type: ignore[list-item]
         for step in range(world):
             k = (rank + step) % world  # own chunk first, then the others as they arrive
-            chunk = pending[k].wait()
-            chunks[k] = chunk
-            Zk, Tk = chunk[:, :E], chunk[:, E:]
+            if world == 1:
+                Zk, Tk = z.detach(), t.detach()
+            else:
+                packed = pending[k].wait()
+                Zk, Tk = packed[:, :E], packed[:, E:]
+            chunks[k] = (Zk, Tk)
             if tk is not None:
                 lse_zt = torch.logaddexp(lse_zt, tk.lse_block(zq, Tk, s32))
                 lse_tz = torch.logaddexp(lse_tz, tk.lse_block(tq, Zk, s32))
@@ -112,7 +124,7 @@ class _ContrastiveLSE(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, gout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         z, t, s, lse_zt, lse_tz = ctx.saved_tensors
-        chunks: list[torch.Tensor] = ctx.chunks
+        chunks: list[tuple[torch.Tensor, torch.Tensor]] = ctx.chunks
         b, E = z.shape
         rank = mdist.get_rank()
         s32 = s.detach().float()
@@ -123,20 +135,23 @@ class _ContrastiveLSE(torch.autograd.Function):
         dt = torch.zeros_like(dz)
         ds = torch.zeros((), dtype=torch.float32, device=z.device)
         reduces: list[mdist.Pending] = []
-        for k, chunk in enumerate(chunks):  # rank order on every rank: reduces are issued identically
-            Zk, Tk = chunk[:, :E], chunk[:, E:]
+        for k, (Zk, Tk) in enumerate(chunks):  # rank order everywhere: reduces are issued identically
+            # [dZ_k | dT_k] (n, 2E): rank k owns chunk k and receives the sum over ranks of it.
+            packed = torch.empty((Zk.shape[0], 2 * E), dtype=torch.float32, device=z.device)
             if tk is not None:
                 dq1, dT_k, ds1 = tk.bwd_block(zq, Tk, s32, lse_zt, coef)
                 dq2, dZ_k, ds2 = tk.bwd_block(tq, Zk, s32, lse_tz, coef)
+                packed[:, :E], packed[:, E:] = dZ_k, dT_k
+                del dZ_k, dT_k
             else:
-                dq1, dT_k, ds1 = _bwd_block_torch(zq, Tk, s32, lse_zt, coef, ctx.tile)
-                dq2, dZ_k, ds2 = _bwd_block_torch(tq, Zk, s32, lse_tz, coef, ctx.tile)
+                dq1, ds1 = _bwd_block_torch(zq, Tk, s32, lse_zt, coef, ctx.tile, dk=packed[:, E:])
+                dq2, ds2 = _bwd_block_torch(tq, Zk, s32, lse_tz, coef, ctx.tile, dk=packed[:, :E])
             dz += dq1
             dt += dq2
             ds += ds1 + ds2
-            # Rank k owns chunk k: it receives the sum over ranks of d loss_r / d [Z_k | T_k].
-            reduces.append(mdist.reduce_sum_async(torch.cat([dZ_k, dT_k], dim=1), dst=k))
-            del dT_k, dZ_k
+            del dq1, dq2
+            reduces.append(mdist.reduce_sum_async(packed, dst=k))
+            del packed
         mine = [p.wait() for p in reduces][rank]
         dz += mine[:, :E]
         dt += mine[:, E:]
