@@ -62,7 +62,8 @@ class MiCoModel(nn.Module):
 
     Attributes the trainer may set:
         step: the optimizer step; seeds the masking and hard-negative sampling together with
-            ``cfg.train.seed``, the rank and the micro-batch index (use :meth:`set_step`).
+            ``cfg.train.seed``, the rank and the micro-batch index (use :meth:`set_step`, or put
+            ``batch["step"]``: a new value there calls ``set_step``).
         contrastive_impl: None (from ``cfg.model.kernels``) or an explicit ``contrastive_loss`` impl.
     """
 
@@ -227,6 +228,9 @@ class MiCoModel(nn.Module):
                 matching_acc, masked_tokens (global count).
         """
         self._check_batch(batch)
+        step = batch.get("step")  # the trainer may pass the optimizer step in the batch
+        if step is not None and int(step) != self.step:
+            self.set_step(int(step))
         ids, mask = batch[TEXT_IDS], batch[TEXT_MASK]
         o, w = self.cfg.objectives, self.weights
         b, rank = ids.shape[0], get_rank()
@@ -283,7 +287,7 @@ class MiCoModel(nn.Module):
                 losses["matching_loss"] = matching_loss(logits, labels)
                 report["matching_acc"] = ((logits.detach() > 0).float() == labels).float().mean()
             if w["generation_loss"] > 0:
-                h_gen = h_text[-b:]
+                h_gen = h_text[-b:]  # boolean indexing below syncs with the host (data-dependent n)
                 logits_nV = self.text.lm_logits(h_gen[is_masked])  # LM head only where it is needed
                 losses["generation_loss"], report["masked_tokens"] = generation_loss(
                     logits_nV, ids[is_masked]

@@ -56,7 +56,8 @@ def pool_grid_shape(k: int, grid: tuple[int, int]) -> tuple[int, int]:
     """Factor ``k`` pooled tokens into (rows, cols) whose aspect ratio is closest to the grid's."""
     target = math.log(grid[0] / grid[1])
     pairs = [(a, k // a) for a in range(1, k + 1) if k % a == 0]
-    return min(pairs, key=lambda ab: (abs(math.log(ab[0] / ab[1]) - target), ab[0]))
+    # rounded so that mirror-image ties (2x3 vs 3x2 on a square grid) go to fewer rows
+    return min(pairs, key=lambda ab: (round(abs(math.log(ab[0] / ab[1]) - target), 9), ab[0]))
 
 
 def _mlp_factory(mlp_dim: int) -> Callable[..., nn.Module]:

@@ -124,7 +124,10 @@ class TextBranch(nn.Module):
                 self.llm = LlamaForCausalLM(cfg)
         self.llm.config.use_cache = False
         if text.grad_checkpointing:
-            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(self.llm, "activation_checkpointing_enable"):  # transformers >= 5
+                self.llm.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.hidden_size = self.llm.config.hidden_size
         self.vocab_size = self.llm.config.vocab_size
 

@@ -55,9 +55,10 @@ def contrastive_loss(
     z_all = all_gather_with_grad(v_z)  # (world*b, E)
     t_all = all_gather_with_grad(v_t)
     labels = torch.arange(b, device=v_z.device) + get_rank() * b
-    logits_z2t = logit_scale * v_z @ t_all.T  # (b, world*b)
-    logits_t2z = logit_scale * v_t @ z_all.T
-    return 0.5 * (F.cross_entropy(logits_z2t.float(), labels) + F.cross_entropy(logits_t2z.float(), labels))
+    dtype = torch.promote_types(v_z.dtype, torch.float32)  # softmax in fp32 (or fp64) at least
+    logits_z2t = (logit_scale * v_z @ t_all.T).to(dtype)  # (b, world*b)
+    logits_t2z = (logit_scale * v_t @ z_all.T).to(dtype)
+    return 0.5 * (F.cross_entropy(logits_z2t, labels) + F.cross_entropy(logits_t2z, labels))
 
 
 @torch.no_grad()

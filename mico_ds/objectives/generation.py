@@ -65,7 +65,8 @@ def generation_loss(logits_nV: torch.Tensor, targets_n: torch.Tensor) -> tuple[t
     Returns:
         (loss (), global_count ()) -- the count as a float tensor, for logging.
     """
-    local_sum = F.cross_entropy(logits_nV.float(), targets_n, reduction="sum")
-    count = torch.tensor(float(targets_n.numel()), device=logits_nV.device)
+    dtype = torch.promote_types(logits_nV.dtype, torch.float32)  # log-softmax in fp32 at least
+    local_sum = F.cross_entropy(logits_nV.to(dtype), targets_n, reduction="sum")
+    count = torch.tensor(float(targets_n.numel()), device=logits_nV.device, dtype=dtype)
     global_count = all_reduce_sum(count)
     return local_sum * get_world_size() / global_count.clamp(min=1.0), global_count

@@ -41,7 +41,8 @@ def sample_hard_negatives(
             f"hard-negative mining needs at least 2 candidates in the global batch, got {k_global.shape[0]} "
             "(raise the batch size or set objectives.matching_weight=0)"
         )
-    sim = float(logit_scale) * (q_local.float() @ k_global.float().T)  # (b, n)
+    scale = torch.as_tensor(logit_scale, device=q_local.device).detach().float()  # no host sync
+    sim = scale * (q_local.float() @ k_global.float().T)  # (b, n)
     sim[torch.arange(q_local.shape[0], device=sim.device), positive_idx] = float("-inf")
     probs = torch.softmax(sim, dim=1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
@@ -75,4 +76,5 @@ def matching_labels(b: int, device: torch.device | str) -> torch.Tensor:
 
 def matching_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean binary cross-entropy over the scored pairs (MiCo Eq. 5). logits, labels: (3b,)."""
-    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return F.binary_cross_entropy_with_logits(logits.to(dtype), labels.to(dtype))
