@@ -31,8 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-TRAINER_MODULE = "mico_ds.train"
 NODE_RANK_PLACEHOLDER = "{node_rank}"
+RESEND_S = 1.0  # node-run: how often a pending stop is sent (again) to the trainers
 
 # ------------------------------------------------------------------ host lists
 
@@ -157,9 +157,14 @@ def _pids() -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit()]
 
 
+def trainer_module() -> str:
+    return os.environ.get("MICO_TRAIN_MODULE", "mico_ds.train")
+
+
 def is_trainer(argv: list[str]) -> bool:
     """A training rank: ``python [-u] -m mico_ds.train ...`` (not the launchers that mention it)."""
-    return any(a == "-m" and b == TRAINER_MODULE for a, b in itertools.pairwise(argv))
+    mod = trainer_module()
+    return any(a == "-m" and b == mod for a, b in itertools.pairwise(argv))
 
 
 def run_dir_of(argv: list[str]) -> str | None:
@@ -185,15 +190,23 @@ def descendants(root: int) -> list[int]:
     return out
 
 
-def find_trainers(root: int | None = None, run_dir: str | None = None) -> list[int]:
-    """Trainer pids of this user: below ``root`` if given, and/or training into ``run_dir``."""
+def is_node_run(argv: list[str]) -> bool:
+    """A ``launch/hostfile.py node-run`` wrapper."""
+    return any(a.endswith("hostfile.py") and b == "node-run" for a, b in itertools.pairwise(argv))
+
+
+def find_trainers(root: int | None = None, run_dir: str | None = None, wrappers: bool = False) -> list[int]:
+    """Trainer pids of this user: below ``root`` if given, and/or training into ``run_dir``.
+
+    With ``wrappers`` the node-run wrappers of ``run_dir`` are included too.
+    """
     cands = descendants(root) if root is not None else _pids()
     want = os.path.realpath(run_dir) if run_dir else None
     uid = os.getuid()
     out = []
     for pid in cands:
         argv = _cmdline(pid)
-        if not is_trainer(argv):
+        if not (is_trainer(argv) or (wrappers and is_node_run(argv))):
             continue
         try:
             if os.stat(f"/proc/{pid}").st_uid != uid:
@@ -225,27 +238,44 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} {host} mico-launch] {msg}", file=sys.stderr, flush=True)
 
 
-def node_run(cmd: list[str]) -> int:
+def node_run(cmd: list[str], new_session: bool = False) -> int:
     """Run ``cmd`` (the per-node launcher) with SIGUSR1 ignored; forward USR1/TERM to its trainers.
 
-    ``{node_rank}`` in ``cmd`` becomes $SLURM_NODEID (else $NODE_RANK, else 0). Returns the
-    launcher's exit code (128 + signal number when it was killed by a signal).
+    ``{node_rank}`` in ``cmd`` becomes $SLURM_NODEID (else $NODE_RANK, else 0). With ``new_session``
+    the wrapper first leaves the terminal's process group (os.setsid), so a Ctrl-C reaches only the
+    calling script, which then asks for a clean stop. Returns the launcher's exit code (128 + signal
+    number when it was killed by a signal).
     """
     if not cmd:
         raise ValueError("node-run: no command given")
+    if new_session:
+        os.setsid()
     rank = os.environ.get("SLURM_NODEID", os.environ.get("NODE_RANK", "0"))
     cmd = [rank if a == NODE_RANK_PLACEHOLDER else a for a in cmd]
     # Ignored dispositions survive exec: the launchers inherit SIG_IGN, the trainers replace it.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     proc = subprocess.Popen(cmd)
+    stop: list[str] = []
 
-    def forward(signum: int, frame: object) -> None:
-        pids = send(find_trainers(root=proc.pid), signal.SIGUSR1)
-        _log(f"node {rank}: got {signal.Signals(signum).name}; sent SIGUSR1 to trainers {pids}")
+    def on_signal(signum: int, frame: object) -> None:
+        stop.append(signal.Signals(signum).name)
 
-    signal.signal(signal.SIGUSR1, forward)
-    signal.signal(signal.SIGTERM, forward)
-    rc = proc.wait()  # PEP 475: the wait resumes after a handler ran
+    signal.signal(signal.SIGUSR1, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    told: set[int] = set()
+    while True:
+        try:
+            rc = proc.wait(timeout=RESEND_S)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        if stop:
+            # Sent again until the launcher exits: a trainer still starting up ignores SIGUSR1 (inherited
+            # SIG_IGN) until it installs its handler, and a trainer may not exist yet.
+            pids = send(find_trainers(root=proc.pid), signal.SIGUSR1)
+            if set(pids) - told:
+                _log(f"node {rank}: {stop[0]} received; sent SIGUSR1 to trainers {sorted(pids)}")
+                told.update(pids)
     return 128 - rc if rc < 0 else rc
 
 
@@ -267,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--recipe", required=True)
     d.add_argument("--world-size", type=int, required=True)
     n = sub.add_parser("node-run", help="per-node wrapper run by srun")
+    n.add_argument("--setsid", action="store_true", help="start a new session (local launches)")
     n.add_argument("command", nargs=argparse.REMAINDER)
-    s = sub.add_parser("signal", help="signal this user's trainer processes of one run on this node")
+    s = sub.add_parser("signal", help="signal this user's trainers (and node-run wrappers) of one run here")
     s.add_argument("--run-dir", required=True)
     s.add_argument("--sig", default="USR1", help="signal name (default USR1)")
     args, rest = p.parse_known_args(argv)
@@ -290,11 +321,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(resolved_ds_config(args.recipe, args.world_size, rest), indent=2, sort_keys=True))
     elif args.cmd == "node-run":
         cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
-        return node_run(cmd)
+        return node_run(cmd, new_session=args.setsid)
     elif args.cmd == "signal":
+        # The node-run wrappers keep re-sending to trainers that are still starting up; trainers
+        # without a wrapper (LAUNCHER=pdsh starts them over ssh) get it directly.
         sig = signal.Signals[f"SIG{args.sig.upper().removeprefix('SIG')}"]
-        pids = send(find_trainers(run_dir=args.run_dir), sig)
-        _log(f"sent {sig.name} to trainers {pids} of {args.run_dir}")
+        pids = send(find_trainers(run_dir=args.run_dir, wrappers=True), sig)
+        _log(f"sent {sig.name} to {pids} (trainers and node-run wrappers of {args.run_dir})")
     return 0
 
 

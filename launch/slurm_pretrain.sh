@@ -48,6 +48,7 @@ Environment (defaults in brackets):
   MASTER_ADDR         rendezvous host [first host of the allocation]
   MASTER_PORT         rendezvous port [20000 + SLURM_JOB_ID % 20000]
   PYTHON              interpreter for the launcher and the ranks [python3]
+  MICO_TRAIN_MODULE   the Python module every rank runs [mico_ds.train]
   MICO_ROOT           the mico_ds checkout [found from the script path, SLURM_SUBMIT_DIR or the job's
                       command]; put on PYTHONPATH
   HOSTFILE            where the hostfile is written [RUN_DIR/launch/hostfile.JOBID]; must be visible
@@ -101,6 +102,7 @@ REQUEUE_ON_PREEMPT=${REQUEUE_ON_PREEMPT:-1}
 REQUEUE_ON_TERM=${REQUEUE_ON_TERM:-0}
 MAX_RESTARTS=${MAX_RESTARTS:-50}
 FORWARD_ENV=${FORWARD_ENV:-NCCL_ MICO_ PYTHONPATH CUDA_ TORCH_ OMP_ HF_ TRANSFORMERS_ TRITON_ GLOO_ FI_ UCX_ LD_LIBRARY_PATH PATH}
+TRAIN_MODULE=${MICO_TRAIN_MODULE:-mico_ds.train}
 JOB_ID=${SLURM_JOB_ID:-0}
 [[ $LAUNCHER == srun || $LAUNCHER == pdsh ]] || die "LAUNCHER must be srun or pdsh, got '$LAUNCHER'"
 
@@ -205,13 +207,13 @@ ENV_FILE=$RUN_DIR_ABS/launch/env.$JOB_ID
 DS=("$PYTHON" -u -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR"
     --master_port "$MASTER_PORT" --no_local_rank ${DS_ARGS:-})
 if [[ $LAUNCHER == srun ]]; then
-    NODE_CMD=("${DS[@]}" --no_ssh --node_rank '{node_rank}' --module mico_ds.train ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})
+    NODE_CMD=("${DS[@]}" --no_ssh --node_rank '{node_rank}' --module "$TRAIN_MODULE" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})
     # shellcheck disable=SC2206
     LAUNCH=(srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0 --export=ALL
-        --cpu-bind=none ${SLURM_CPUS_ON_NODE:+--cpus-per-task="$SLURM_CPUS_ON_NODE"} ${SRUN_ARGS:-}
+        ${SLURM_CPUS_ON_NODE:+--cpus-per-task="$SLURM_CPUS_ON_NODE"} ${SRUN_ARGS:-}
         "$PYTHON" -u "$HELPER" node-run -- "${NODE_CMD[@]}")
 else
-    NODE_CMD=("${DS[@]}" --launcher pdsh --module mico_ds.train ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})
+    NODE_CMD=("${DS[@]}" --launcher pdsh --module "$TRAIN_MODULE" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})
     LAUNCH=("$PYTHON" -u "$HELPER" node-run -- "${NODE_CMD[@]}")
 fi
 
@@ -277,12 +279,14 @@ LAUNCH_PID=""
 # shellcheck disable=SC2317  # stop_ranks / on_signal run from traps
 stop_ranks() { # ask every trainer to checkpoint at its next step boundary and exit 99
     [[ -n $LAUNCH_PID ]] || return 0
-    # srun passes the signal to its node-run tasks, which pass SIGUSR1 on to their trainers.
-    kill -USR1 "$LAUNCH_PID" 2>/dev/null || true
-    if [[ $LAUNCHER == pdsh ]]; then # ranks on other nodes were started over ssh: signal them there
-        srun --overlap --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 \
-            "$PYTHON" "$HELPER" signal --run-dir "$RUN_DIR_ABS" --sig USR1 || log "srun signal helper failed"
+    # A helper step signals exactly the trainer processes of this run on every node. Signalling the
+    # srun step itself would reach every process in it, data-loader workers included.
+    if timeout 120 srun --overlap --quiet --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 \
+        "$PYTHON" "$HELPER" signal --run-dir "$RUN_DIR_ABS" --sig USR1; then
+        return 0
     fi
+    log "the signal step failed: sending SIGUSR1 to srun instead (it reaches every process of the step)"
+    kill -USR1 "$LAUNCH_PID" 2>/dev/null || true
 }
 # shellcheck disable=SC2317
 on_signal() {
@@ -318,6 +322,10 @@ LAUNCH_PID=""
 if ((rc == 0)); then
     log "training finished (exit code 0)"
     exit 0
+fi
+if ((rc != 99)) && [[ $STOP_SIGNAL == TERM ]]; then
+    log "stopped by SIGTERM (exit code $rc): SLURM ends or requeues the job itself"
+    exit "$rc"
 fi
 if ((rc != 99)); then
     log "training failed with exit code $rc; not requeueing"
