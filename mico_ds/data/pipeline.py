@@ -611,6 +611,8 @@ class CorpusLoader:
         ds = ShardStream(self._spec())
         if self.num_workers == 0:
             return iter(ds)
+        if self.multiprocessing_context in (None, "fork"):
+            resolve_tokenizer(self.tokenizer)  # load once here; forked workers inherit it
         self._loader = DataLoader(
             ds,
             batch_size=None,
