@@ -14,6 +14,7 @@ the ``SLURM_CONF`` variable of :meth:`SlurmCluster.env`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -45,7 +46,9 @@ def install(timeout: float = 900) -> None:
     if not missing_binaries():
         return
     if which("apt-get") is None:
-        raise SlurmUnavailable(f"apt-get is not available to install {PACKAGES} (missing {missing_binaries()})")
+        raise SlurmUnavailable(
+            f"apt-get is not available to install {PACKAGES} (missing {missing_binaries()})"
+        )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for cmd in (
         ["apt-get", "update"],
@@ -53,7 +56,9 @@ def install(timeout: float = 900) -> None:
     ):
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if r.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+            raise RuntimeError(
+                f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+            )
     if missing_binaries():
         raise RuntimeError(f"installed {PACKAGES} but still missing {missing_binaries()}")
 
@@ -131,7 +136,9 @@ class SlurmCluster:
         return dict(os.environ, SLURM_CONF=str(self.conf), PATH=os.pathsep.join([path, *extra]))
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(list(cmd), env=self.env(), capture_output=True, text=True, check=check, timeout=timeout)
+        return subprocess.run(
+            list(cmd), env=self.env(), capture_output=True, text=True, check=check, timeout=timeout
+        )
 
     # ------------------------------------------------------------------ start / stop
     def write_config(self) -> None:
@@ -183,7 +190,9 @@ class SlurmCluster:
         try:
             self.start_munge()
             self._spawn("slurmctld", [which("slurmctld") or "slurmctld", "-D", "-i", "-f", str(self.conf)])
-            self._wait(lambda: self.run("scontrol", "ping", check=False).stdout.count("UP") > 0, timeout, "slurmctld")
+            self._wait(
+                lambda: self.run("scontrol", "ping", check=False).stdout.count("UP") > 0, timeout, "slurmctld"
+            )
             self._spawn("slurmd", [which("slurmd") or "slurmd", "-D", "-f", str(self.conf), "-N", self.host])
             self._wait(lambda: self.node_state() == "idle", timeout, "an idle node in sinfo")
         except BaseException:
@@ -254,16 +263,20 @@ class SlurmCluster:
                 p.kill()
                 p.wait(timeout=10)
         for pid in self._job_steps():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def main() -> None:
     c = SlurmCluster()
     c.start()
-    print(f"SLURM is up: export SLURM_CONF={c.conf}   (logs in {c.tmp}); Ctrl-C stops it", flush=True)
+    print(f"SLURM is up: export SLURM_CONF={c.conf}   (logs in {c.tmp}); Ctrl-C or kill stops it", flush=True)
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # a background process has SIGINT ignored: TERM works too
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         while True:
             time.sleep(3600)
