@@ -314,3 +314,34 @@ def test_training_augmentation_is_seeded(demo: Path) -> None:
     ]
     assert runs[0] == runs[1] and runs[0] != runs[2]
     assert Counter(k for keys, _ in runs[0] for k in keys).most_common(1)[0][1] == 1
+
+
+# ----------------------------------------------------------------------------- tools/inspect_shards.py
+
+
+def test_inspect_shards_tool(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[3] / "tools" / "inspect_shards.py"
+    spec = importlib.util.spec_from_file_location("inspect_shards", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    shards = bad_data_shards(tmp_path)
+    argv = [
+        "bad-{0..1}.tar",
+        "--root",
+        str(tmp_path),
+        "--modalities",
+        "image,video",
+        "--json",
+        "--image-size",
+        "16",
+    ]
+    assert tool.main(argv) == 1  # 5 of 9 skipped > 5 %
+    out = json.loads(capsys.readouterr().out)
+    assert out["samples"] == 9 and out["decoded"] == {"image": 4, "video": 4, "text": 4}
+    assert out["shapes"] == {"image": {"3x16x16": 4}, "video": {"8x3x16x16": 4}}
+    assert out["skipped"] == {
+        "bad_image": 1, "bad_json": 1, "bad_video": 1, "missing_modality": 1, "truncated_tar": 1,
+    }  # fmt: skip
+    assert tool.main([*argv, "--max-skip-rate", "0.6"]) == 0
