@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--derive-normals", action="store_true", help="write normal.png from depth when missing")
     p.add_argument(
         "--depth-scale", type=float, default=1.0,
-        help="depth units per pixel width used by --derive-normals (orthographic; %(default)s)",
+        help="for --derive-normals: pixels per depth unit, e.g. 0.032 if 64 px span 2000 mm (%(default)s)",
     )  # fmt: skip
     p.add_argument("--source", default=None, help="json 'source' of lines without one (manifest name)")
     p.add_argument("--skip-bad", action="store_true", help="skip samples with unreadable files; report them")

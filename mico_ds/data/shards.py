@@ -551,6 +551,7 @@ def make_shards(
 ) -> dict[str, Any]:
     """Turn a raw-media manifest into tar shards ``out_dir/prefix-000000.tar`` ... and ``sizes.json``.
 
+    ``depth_scale`` converts depth units to pixel widths for ``derive_normals`` (see normals_from_depth).
     Without ``skip_bad`` the first unreadable file raises a ManifestError naming its line and path and
     every shard of this run is removed; with it, such samples are skipped and counted.
 

@@ -104,10 +104,12 @@ def decode_rgb(data: bytes) -> np.ndarray:
         return np.asarray(im)
 
 
-def decode_video(data: bytes) -> np.ndarray:
+def decode_video(data: bytes, fps: float | None = None) -> np.ndarray:
     import av
 
     with av.open(io.BytesIO(data)) as c:
+        if fps is not None:  # T frames span the audio clip
+            assert c.streams.video[0].average_rate == fps
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 
 
@@ -119,7 +121,7 @@ def test_every_modality_decodes_to_the_generated_geometry(corpus: tuple[Path, di
         image = decode_rgb(m["jpg"])
         assert image.shape == (size, size, 3)
         frames = np.stack([decode_rgb(m[f"frame{i}.jpg"]) for i in range(t)])
-        video = decode_video(m["mp4"])
+        video = decode_video(m["mp4"], fps=t / p["audio_seconds"])
         assert video.shape == (t, size, size, 3), key
         # the MP4 and the pre-extracted JPEG frames show the same thing (both lossy)
         assert np.abs(video.astype(int) - frames.astype(int)).mean() < 6, key
