@@ -326,7 +326,7 @@ def test_inspect_shards_tool(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     spec = importlib.util.spec_from_file_location("inspect_shards", path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    shards = bad_data_shards(tmp_path)
+    bad_data_shards(tmp_path)
     argv = [
         "bad-{0..1}.tar",
         "--root",
