@@ -1,0 +1,94 @@
+"""Real 2-rank ZeRO-3 training under the `deepspeed` launcher (gloo, CPU): train, save, resume, continue.
+
+Also exact resume: a run stopped by SIGUSR1 at whatever step it reaches and resumed with
+``--resume latest`` reproduces the uninterrupted run's losses bitwise (fp32 on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.train_utils import REPO, data_overrides, env, run_train, train_cmd, train_records
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("debug_data")
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, data_root) -> Path:
+    run = tmp_path_factory.mktemp("full") / "run"
+    run_train(run, *data_overrides(data_root), f"--train.max_steps={STEPS}", "--train.save_every=3",
+              "--train.deterministic=true")  # fmt: skip
+    return run
+
+
+def test_trains_saves_and_summarizes(full_run: Path):
+    recs = train_records(full_run)
+    assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
+    for r in recs:
+        for k in ("loss", "contrastive_loss", "matching_loss", "generation_loss", "lr", "samples_per_s"):
+            assert math.isfinite(r[k]), (k, r)
+    ck = full_run / "checkpoints"
+    assert (ck / "latest").read_text().strip() == f"step{STEPS:08d}"
+    assert (ck / "step00000003").is_dir()
+    for rank in (0, 1):
+        assert (ck / f"step{STEPS:08d}" / "client" / f"rank{rank}.pt").exists()
+    summary = json.loads((full_run / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["zero_stage"] == 3 and summary["world_size"] == 2
+    assert "retrieval/t2k_r1" in summary["eval"]
+    assert (full_run / "config.yaml").exists()
+
+
+def test_resume_continues_past_the_end(full_run: Path, data_root: Path, tmp_path: Path):
+    # continue the finished run for two more steps
+    run_train(full_run, *data_overrides(data_root), f"--train.max_steps={STEPS + 2}", "--train.save_every=3",
+              "--train.deterministic=true", "--resume", "latest")  # fmt: skip
+    steps = [r["step"] for r in train_records(full_run)]
+    assert steps == list(range(1, STEPS + 3))
+    assert (full_run / "checkpoints" / "latest").read_text().strip() == f"step{STEPS + 2:08d}"
+
+
+def test_refuses_to_overwrite_a_run(full_run: Path, data_root: Path):
+    p = run_train(full_run, *data_overrides(data_root), check=False)
+    assert p.returncode != 0
+    assert "already holds checkpoints" in p.stdout + p.stderr
+
+
+def test_preempted_run_resumes_bitwise(full_run: Path, data_root: Path, tmp_path: Path):
+    run = tmp_path / "preempted"
+    args = [*data_overrides(data_root), f"--train.max_steps={STEPS}", "--train.save_every=100",
+            "--train.deterministic=true"]  # fmt: skip
+    proc = subprocess.Popen(train_cmd(run, *args), cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and any('"loss"' in line for line in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.2)
+    # SIGUSR1 to the rank processes only (as SLURM's --signal does to the job step's tasks)
+    subprocess.run(
+        ["pkill", "-USR1", "-f", f"-u -m mico_ds.train --recipe debug --run-dir {run}"], check=False
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 99, out[-4000:]
+    stopped_at = int((run / "checkpoints" / "latest").read_text().strip()[4:])
+    assert 1 <= stopped_at < STEPS, "the signal should stop the run before its end"
+    run_train(run, *args, "--resume", "latest")
+    want = {r["step"]: r for r in train_records(full_run) if r["step"] <= STEPS}
+    got = {r["step"]: r for r in train_records(run)}
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for s in range(1, STEPS + 1):
+        for k in ("loss", "contrastive_loss", "matching_loss", "generation_loss"):
+            assert got[s][k] == want[s][k], (s, k, got[s][k], want[s][k])
