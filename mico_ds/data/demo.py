@@ -314,7 +314,7 @@ class DemoParams:
 
     def __post_init__(self) -> None:
         if self.num_single_pair is None:
-            object.__setattr__(self, "num_single_pair", self.num_train // 2)
+            object.__setattr__(self, "num_single_pair", max(1, self.num_train // 2))
         object.__setattr__(self, "audio_seconds", float(self.audio_seconds))
         problems = []
         if self.num_train < 1:

@@ -121,11 +121,14 @@ def mp4_codec() -> str:
     raise RuntimeError(f"none of the video encoders {MP4_CODECS} is available in PyAV {av.__version__}")
 
 
-def encode_video(frames: np.ndarray, fps: float | Fraction = 8, fmt: str = "mp4") -> bytes:
+def encode_video(
+    frames: np.ndarray, fps: float | Fraction = 8, fmt: str = "mp4", codec: str | None = None
+) -> bytes:
     """Video bytes of uint8 (T, H, W, 3) frames as MP4 (H.264 or MPEG-4 Part 2), WebM (VP9) or GIF.
 
     MP4 and WebM use yuv420p, so H and W must be even. Encoding is single-threaded, which keeps the
-    output byte-identical from run to run and is faster than threading for small frames.
+    output byte-identical from run to run and is faster than threading for small frames. ``codec``
+    overrides the MP4 codec (default: mp4_codec()).
     """
     import av
     from av.codec.context import Flags
@@ -135,6 +138,8 @@ def encode_video(frames: np.ndarray, fps: float | Fraction = 8, fmt: str = "mp4"
         raise ValueError(f"frames must be uint8 (T, H, W, 3) with T >= 1, got {frames.dtype} {frames.shape}")
     if fmt not in VIDEO_FORMATS:
         raise ValueError(f"video format must be one of {VIDEO_FORMATS}, got {fmt!r}")
+    if codec is not None and (fmt != "mp4" or codec not in MP4_CODECS):
+        raise ValueError(f"codec={codec!r} applies to mp4 only and must be one of {MP4_CODECS}")
     t, h, w, _ = frames.shape
     if fmt != "gif" and (h % 2 or w % 2):
         raise ValueError(f"{fmt} (yuv420p) needs even frame sizes, got H={h} W={w}")
@@ -143,7 +148,7 @@ def encode_video(frames: np.ndarray, fps: float | Fraction = 8, fmt: str = "mp4"
     rate = Fraction(fps).limit_denominator(1001)
 
     codec, pix_fmt, options = {
-        "mp4": (mp4_codec(), "yuv420p", {}),
+        "mp4": (codec or mp4_codec(), "yuv420p", {}),
         "webm": ("libvpx-vp9", "yuv420p", {"deadline": "realtime", "cpu-used": "8", "row-mt": "0"}),
         "gif": ("gif", "rgb8", {}),
     }[fmt]

@@ -234,3 +234,39 @@ def test_cli(raw: Path, tmp_path: Path) -> None:
     (raw / "media" / "v0.mp4").write_bytes(b"junk")
     bad = subprocess.run([*tool, *args, "--overwrite"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "line 1" in bad.stderr and "media/v0.mp4" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- encoders
+
+
+@pytest.mark.parametrize("codec", media.MP4_CODECS)
+def test_mp4_codecs_round_trip(codec: str) -> None:
+    import av
+
+    clip = frames(t=5, h=32, w=48)
+    data = media.encode_video(clip, fps=2.5, codec=codec)
+    assert data == media.encode_video(clip, fps=2.5, codec=codec)  # deterministic
+    with av.open(io.BytesIO(data)) as c:
+        stream = c.streams.video[0]
+        assert stream.codec_context.name == {"libx264": "h264", "mpeg4": "mpeg4"}[codec]
+        assert stream.average_rate == 2.5
+        decoded = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    assert decoded.shape == clip.shape
+    assert np.abs(decoded.astype(int) - clip.astype(int)).mean() < 8
+    with pytest.raises(ValueError, match="even frame sizes, got H=33"):
+        media.encode_mp4(frames(h=33), 4)
+
+
+def test_normals_from_depth_of_a_tilted_plane() -> None:
+    # D(x, y_down) = 0.5 x + 0.25 row -> n ~ (D_x, D_y_up, 1) = (0.5, -0.25, 1) everywhere
+    rows, cols = np.mgrid[0:16, 0:20].astype(np.float64)
+    n = media.normals_from_depth(0.5 * cols + 0.25 * rows)
+    ref = np.array([0.5, -0.25, 1.0]) / np.linalg.norm([0.5, -0.25, 1.0])
+    np.testing.assert_allclose(n, np.broadcast_to(ref, n.shape), atol=1e-6)
+    # scale multiplies the slopes; a flat wall faces the camera: RGB (128, 128, 255)
+    np.testing.assert_allclose(media.normals_from_depth(np.full((4, 4), 7.0), scale=3.0)[0, 0], [0, 0, 1])
+    assert media.normals_to_rgb(np.array([[[0.0, 0.0, 1.0], [-1.0, 1.0, 0.0]]])).tolist() == [
+        [[128, 128, 255], [0, 255, 128]]
+    ]
+    with pytest.raises(ValueError, match="NaN"):
+        media.normals_from_depth(np.array([[1.0, np.nan], [1.0, 1.0]]))
