@@ -37,45 +37,50 @@ from mico_ds.kernels._backend import load_triton_module, use_triton
 # PyTorch tiled blocks: q (b, E) fp32 rows against the rows of one gathered chunk k_rows (n, E).
 
 
-def _lse_block_torch(q: torch.Tensor, k_rows: torch.Tensor, s: torch.Tensor, tile: int) -> torch.Tensor:
-    """(b,) log-sum-exp over the chunk's columns of s * q k_rows^T, streamed ``tile`` columns at a time."""
-    lse = torch.full((q.shape[0],), float("-inf"), dtype=torch.float32, device=q.device)
+def _tile_buffer(b: int, n_max: int, tile: int, device: torch.device) -> torch.Tensor:
+    """One flat fp32 buffer for a (b, tile) logits tile, reused by every tile (no per-tile allocation)."""
+    return torch.empty(b * min(tile, n_max), dtype=torch.float32, device=device)
+
+
+def _lse_block_torch(q_s: torch.Tensor, k_rows: torch.Tensor, tile: int, buf: torch.Tensor) -> torch.Tensor:
+    """(b,) log-sum-exp over the chunk's columns of q_s k_rows^T (q_s = s * q), ``tile`` columns at a time."""
+    b = q_s.shape[0]
+    lse = torch.full((b,), float("-inf"), dtype=torch.float32, device=q_s.device)
     for c0 in range(0, k_rows.shape[0], tile):
-        logits = torch.mm(q, k_rows[c0 : c0 + tile].float().T).mul_(s)  # (b, tile)
-        lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
-        del logits
+        kt = k_rows[c0 : c0 + tile].float()
+        logits = torch.mm(q_s, kt.T, out=buf[: b * kt.shape[0]].view(b, kt.shape[0]))  # (b, tile)
+        m = logits.amax(dim=1)  # finite: the logits are
+        tile_lse = logits.sub_(m[:, None]).exp_().sum(dim=1).log_().add_(m)
+        lse = torch.logaddexp(lse, tile_lse)
     return lse
 
 
 def _bwd_block_torch(
     q: torch.Tensor,
+    q_s: torch.Tensor,
     k_rows: torch.Tensor,
-    s: torch.Tensor,
     lse: torch.Tensor,
-    coef: torch.Tensor,
     tile: int,
     dk: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of coef * sum_i lse_i restricted to this chunk's columns.
+    buf: torch.Tensor,
+) -> torch.Tensor:
+    """Unscaled gradients of sum_i lse_i restricted to this chunk's columns.
 
-    With G = coef * exp(s q k^T - lse) (the softmax rows, recomputed tile by tile):
-    dq = s G k, dk = s G^T q, ds = sum(G * q k^T). Writes dk (n, E) fp32 (a view of the packed reduce
-    buffer) and returns (dq (b, E), ds ()) in fp32.
+    With P = exp(q_s k^T - lse) (the softmax rows, recomputed tile by tile; the same GEMM as the
+    forward, so the logits are bit-identical): returns A = P k (b, E) and writes P^T q into dk (n, E)
+    (a view of the packed reduce buffer). The caller scales: dq = coef s A, dk *= coef s, and
+    ds = coef sum_i <q_i, A_i> (= coef sum_ij P_ij <q_i, k_j>, without a pass over the tile).
+    Per tile: one GEMM for the logits, two in-place passes (-lse, exp), two GEMMs for the gradients.
     """
-    dq = torch.zeros_like(q)
-    ds = torch.zeros((), dtype=torch.float32, device=q.device)
+    b = q.shape[0]
+    acc = torch.zeros_like(q)
     for c0 in range(0, k_rows.shape[0], tile):
         kt = k_rows[c0 : c0 + tile].float()
-        raw = torch.mm(q, kt.T)  # (b, tile) <q_i, k_j>
-        # Same op order as the forward (mm, * s), so the recomputed logits are bit-identical.
-        g = (raw * s).sub_(lse[:, None]).exp_().mul_(coef)  # coef * softmax, in place
-        ds += torch.dot(g.view(-1), raw.view(-1))
-        del raw
-        dq.addmm_(g, kt)
-        dk[c0 : c0 + tile] = torch.mm(g.T, q)
-        del g
-    dk.mul_(s)
-    return dq.mul_(s), ds
+        p = torch.mm(q_s, kt.T, out=buf[: b * kt.shape[0]].view(b, kt.shape[0]))
+        p.sub_(lse[:, None]).exp_()  # (b, tile) softmax rows, in place
+        acc.addmm_(p, kt)
+        dk[c0 : c0 + tile] = torch.mm(p.T, q)
+    return acc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,9 +105,11 @@ class _ContrastiveLSE(torch.autograd.Function):
         s32 = s.detach().float()
         tk = load_triton_module("_triton_contrastive") if triton else None
         zq, tq = (z.detach(), t.detach()) if triton else (z.detach().float(), t.detach().float())
+        zs, ts = (None, None) if triton else (zq * s32, tq * s32)  # s folded into the GEMM operand
         lse_zt = torch.full((b,), float("-inf"), dtype=torch.float32, device=z.device)
         lse_tz = torch.full_like(lse_zt, float("-inf"))
         chunks: list[tuple[torch.Tensor, torch.Tensor]] = [None] * world  # type: ignore[list-item]
+        buf: torch.Tensor | None = None
         for step in range(world):
             k = (rank + step) % world  # own chunk first, then the others as they arrive
             if world == 1:
@@ -115,8 +122,10 @@ class _ContrastiveLSE(torch.autograd.Function):
                 lse_zt = torch.logaddexp(lse_zt, tk.lse_block(zq, Tk, s32))
                 lse_tz = torch.logaddexp(lse_tz, tk.lse_block(tq, Zk, s32))
             else:
-                lse_zt = torch.logaddexp(lse_zt, _lse_block_torch(zq, Tk, s32, tile))
-                lse_tz = torch.logaddexp(lse_tz, _lse_block_torch(tq, Zk, s32, tile))
+                if buf is None:
+                    buf = _tile_buffer(b, Zk.shape[0], tile, z.device)
+                lse_zt = torch.logaddexp(lse_zt, _lse_block_torch(zs, Tk, tile, buf))
+                lse_tz = torch.logaddexp(lse_tz, _lse_block_torch(ts, Zk, tile, buf))
         ctx.save_for_backward(z, t, s, lse_zt, lse_tz)
         ctx.chunks, ctx.tile, ctx.triton = chunks, tile, triton
         return 0.5 * (lse_zt.mean() + lse_tz.mean())
@@ -131,9 +140,11 @@ class _ContrastiveLSE(torch.autograd.Function):
         coef = (0.5 / b) * gout.float()  # d loss / d lse_i (a tensor: no host sync)
         tk = load_triton_module("_triton_contrastive") if ctx.triton else None
         zq, tq = (z.detach(), t.detach()) if tk is not None else (z.detach().float(), t.detach().float())
+        zs, ts = (None, None) if tk is not None else (zq * s32, tq * s32)
         dz = torch.zeros((b, E), dtype=torch.float32, device=z.device)
         dt = torch.zeros_like(dz)
         ds = torch.zeros((), dtype=torch.float32, device=z.device)
+        buf = None if tk is not None else _tile_buffer(b, chunks[0][0].shape[0], ctx.tile, z.device)
         reduces: list[mdist.Pending] = []
         for k, (Zk, Tk) in enumerate(chunks):  # rank order everywhere: reduces are issued identically
             # [dZ_k | dT_k] (n, 2E): rank k owns chunk k and receives the sum over ranks of it.
@@ -144,8 +155,14 @@ class _ContrastiveLSE(torch.autograd.Function):
                 packed[:, :E], packed[:, E:] = dZ_k, dT_k
                 del dZ_k, dT_k
             else:
-                dq1, ds1 = _bwd_block_torch(zq, Tk, s32, lse_zt, coef, ctx.tile, dk=packed[:, E:])
-                dq2, ds2 = _bwd_block_torch(tq, Zk, s32, lse_tz, coef, ctx.tile, dk=packed[:, :E])
+                a1 = _bwd_block_torch(zq, zs, Tk, lse_zt, ctx.tile, packed[:, E:], buf)
+                a2 = _bwd_block_torch(tq, ts, Zk, lse_tz, ctx.tile, packed[:, :E], buf)
+                ds1 = coef * torch.dot(zq.reshape(-1), a1.view(-1))
+                ds2 = coef * torch.dot(tq.reshape(-1), a2.view(-1))
+                cs = coef * s32
+                dq1, dq2 = a1.mul_(cs), a2.mul_(cs)
+                packed.mul_(cs)
+                del a1, a2
             dz += dq1
             dt += dq2
             ds += ds1 + ds2
