@@ -70,7 +70,8 @@ class LogitScale(nn.Module):
                 "must be > 0"
             )
         self.max_log = math.log(max_scale)
-        self.log_scale = nn.Parameter(torch.full((), math.log(1.0 / init_temperature)))
+        # Shape (1,), not (): ZeRO-3's zero.Init cannot broadcast/partition 0-dim parameters.
+        self.log_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
 
     def forward(self) -> torch.Tensor:  # () scalar
-        return self.log_scale.clamp(max=self.max_log).exp()
+        return self.log_scale.clamp(max=self.max_log).exp().squeeze(0)
