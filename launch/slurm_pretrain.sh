@@ -304,6 +304,7 @@ trap 'on_signal TERM' TERM
 # In the background so that the traps run while it trains (bash defers traps during a foreground child).
 "${LAUNCH[@]}" &
 LAUNCH_PID=$!
+[[ -z $STOP_SIGNAL ]] || stop_ranks # a signal that came before the launch
 while :; do
     rc=0
     wait "$LAUNCH_PID" || rc=$?
