@@ -153,6 +153,17 @@ def _ppid(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[1])
 
 
+def catches(pid: int, sig: int) -> bool:
+    """Whether ``pid`` has a handler installed for ``sig`` (the SigCgt mask of /proc/PID/status)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def _pids() -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit()]
 
@@ -199,6 +210,8 @@ def find_trainers(root: int | None = None, run_dir: str | None = None, wrappers:
     """Trainer pids of this user: below ``root`` if given, and/or training into ``run_dir``.
 
     With ``wrappers`` the node-run wrappers of ``run_dir`` are included too.
+    Data-loader workers (forked children of a trainer, with the same command line) are left out:
+    the trainer alone acts on a stop request.
     """
     cands = descendants(root) if root is not None else _pids()
     want = os.path.realpath(run_dir) if run_dir else None
@@ -207,6 +220,9 @@ def find_trainers(root: int | None = None, run_dir: str | None = None, wrappers:
     for pid in cands:
         argv = _cmdline(pid)
         if not (is_trainer(argv) or (wrappers and is_node_run(argv))):
+            continue
+        parent = _ppid(pid)
+        if parent is not None and is_trainer(_cmdline(parent)):
             continue
         try:
             if os.stat(f"/proc/{pid}").st_uid != uid:
@@ -262,7 +278,8 @@ def node_run(cmd: list[str], new_session: bool = False) -> int:
 
     signal.signal(signal.SIGUSR1, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    told: set[int] = set()
+    told: set[int] = set()  # trainers that got SIGUSR1 while their handler was installed
+    logged: set[int] = set()
     while True:
         try:
             rc = proc.wait(timeout=RESEND_S)
@@ -270,12 +287,16 @@ def node_run(cmd: list[str], new_session: bool = False) -> int:
         except subprocess.TimeoutExpired:
             pass
         if stop:
-            # Sent again until the launcher exits: a trainer still starting up ignores SIGUSR1 (inherited
-            # SIG_IGN) until it installs its handler, and a trainer may not exist yet.
-            pids = send(find_trainers(root=proc.pid), signal.SIGUSR1)
-            if set(pids) - told:
+            # A trainer still starting up ignores SIGUSR1 (inherited SIG_IGN) until it installs its
+            # handler, and a trainer may not exist yet: those get it again at the next round. A trainer
+            # that caught it is told once; a second signal could reach it while it exits.
+            pending = [p for p in find_trainers(root=proc.pid) if p not in told]
+            ready = {p for p in pending if catches(p, signal.SIGUSR1)}
+            pids = send(pending, signal.SIGUSR1)
+            if set(pids) - logged:
                 _log(f"node {rank}: {stop[0]} received; sent SIGUSR1 to trainers {sorted(pids)}")
-                told.update(pids)
+                logged.update(pids)
+            told.update(ready & set(pids))
     return 128 - rc if rc < 0 else rc
 
 

@@ -23,7 +23,11 @@ class StopFlag:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum: int, frame: object) -> None:
-        self.reason = signal.Signals(signum).name
+        self.reason = self.reason or signal.Signals(signum).name
+        if signum == signal.SIGUSR1:
+            # The stop is recorded; a repeated request must not kill the process while it saves or
+            # exits (interpreter shutdown restores SIG_DFL for Python handlers, not for SIG_IGN).
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
     def local(self) -> bool:
         if self.reason is None and self.deadline is not None and time.monotonic() >= self.deadline:

@@ -79,7 +79,7 @@ def test_preempted_run_resumes_bitwise(full_run: Path, data_root: Path, tmp_path
         time.sleep(0.2)
     # SIGUSR1 to the rank processes only (as SLURM's --signal does to the job step's tasks)
     subprocess.run(
-        ["pkill", "-USR1", "-f", f"-u -m mico_ds.train --recipe debug --run-dir {run}"], check=False
+        ["pkill", "-USR1", "-f", "--", f"-u -m mico_ds.train --recipe debug --run-dir {run}"], check=False
     )
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 99, out[-4000:]
