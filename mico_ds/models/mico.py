@@ -23,6 +23,7 @@ Shape legend: B local batch, L text tokens, P prefix tokens, D ViT width, H Llam
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from torch import nn
 from mico_ds.config import RunConfig
 from mico_ds.data.schema import MODALITIES, SAMPLE_SOURCE, TEXT_IDS, TEXT_MASK, SpecialTokens
 from mico_ds.distributed import all_gather_no_grad, all_gather_with_grad, get_rank
+from mico_ds.kernels.contrastive import sample_hard_negatives_tiled
 from mico_ds.models.context import MultimodalContext
 from mico_ds.models.heads import LogitScale, MatchHead, PrefixProjector, ProjectionHead
 from mico_ds.models.omni_encoder import OmniEncoder
@@ -242,15 +244,16 @@ class MiCoModel(nn.Module):
             "context_tokens": torch.tensor(float(fused.shape[1] - 1), device=z.device),
         }
 
-        # Eq. 4: global features (with grad for the loss, without for mining / accuracy).
+        # Eq. 4: global features (with grad for the loss, without for mining / accuracy). With a
+        # tiled kernel (every impl but "naive") nothing below holds the (b, world*b) similarities.
+        impl = self._contrastive_impl(z.device)
         if w["contrastive_loss"] > 0 or w["matching_loss"] > 0:
             v_z = F.normalize(self.proj_z(z).float(), dim=-1)
             v_t = F.normalize(self.proj_t(self.text.text_features(ids, mask)).float(), dim=-1)
             z_all, t_all = all_gather_no_grad(v_z.detach()), all_gather_no_grad(v_t.detach())
-            report["retrieval_acc_k2t"] = in_batch_top1(v_z.detach(), t_all, rank)
-            report["retrieval_acc_t2k"] = in_batch_top1(v_t.detach(), z_all, rank)
+            report["retrieval_acc_k2t"] = in_batch_top1(v_z.detach(), t_all, rank, o.contrastive_tile)
+            report["retrieval_acc_t2k"] = in_batch_top1(v_t.detach(), z_all, rank, o.contrastive_tile)
             if w["contrastive_loss"] > 0:
-                impl = self._contrastive_impl(v_z.device)
                 losses["contrastive_loss"] = contrastive_loss(
                     v_z, v_t, scale, impl=impl, tile=o.contrastive_tile
                 )
@@ -266,8 +269,12 @@ class MiCoModel(nn.Module):
                 prefix_all = all_gather_with_grad(prefix)  # negatives' prefixes keep their gradient
                 g = self._generator(ids.device, _STREAM_MATCHING)
                 pos = torch.arange(b, device=ids.device) + rank * b
-                neg_t = sample_hard_negatives(v_z, t_all, scale.detach(), pos, g)  # text for each context
-                neg_z = sample_hard_negatives(v_t, z_all, scale.detach(), pos, g)  # context for each text
+                if impl == "naive":
+                    sample = sample_hard_negatives
+                else:  # Gumbel-max over column tiles: the same distribution, O(b x tile) memory
+                    sample = partial(sample_hard_negatives_tiled, tile=o.contrastive_tile)
+                neg_t = sample(v_z, t_all, scale.detach(), pos, g)  # a text for each context
+                neg_z = sample(v_t, z_all, scale.detach(), pos, g)  # a context for each text
                 rows_prefix += [prefix, prefix, prefix_all[neg_z]]
                 rows_ids += [ids, ids_all[neg_t], ids]
                 rows_mask += [mask, mask_all[neg_t], mask]

@@ -62,8 +62,19 @@ def contrastive_loss(
 
 
 @torch.no_grad()
-def in_batch_top1(q_local: torch.Tensor, k_global: torch.Tensor, rank: int) -> torch.Tensor:
-    """Fraction of local queries whose best global key is their own pair (global column rank*b + i)."""
+def in_batch_top1(q_local: torch.Tensor, k_global: torch.Tensor, rank: int, tile: int = 4096) -> torch.Tensor:
+    """Fraction of local queries whose best global key is their own pair (global column rank*b + i).
+
+    The argmax runs over ``tile`` columns at a time, so the (b, N) similarities are never held whole;
+    ties go to the lowest column, as with one ``argmax`` over the full row.
+    """
     b = q_local.shape[0]
     target = torch.arange(b, device=q_local.device) + rank * b
-    return ((q_local @ k_global.T).argmax(dim=1) == target).float().mean()
+    best = torch.full((b,), float("-inf"), dtype=torch.float32, device=q_local.device)
+    best_idx = torch.zeros((b,), dtype=torch.long, device=q_local.device)
+    for c0 in range(0, k_global.shape[0], tile):
+        tile_max, tile_arg = (q_local.float() @ k_global[c0 : c0 + tile].float().T).max(dim=1)
+        better = tile_max > best
+        best = torch.where(better, tile_max, best)
+        best_idx = torch.where(better, tile_arg + c0, best_idx)
+    return (best_idx == target).float().mean()

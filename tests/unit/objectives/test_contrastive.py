@@ -80,6 +80,14 @@ def test_in_batch_top1() -> None:
     assert float(in_batch_top1(q, k, rank=0)) == 0.0
     k[2, 2] = 2.0  # now query 2's best key is column 2, its rank-0 positive
     assert float(in_batch_top1(q, k, rank=0)) == pytest.approx(1 / 3)
+    for tile in (1, 2, 4, 5):  # tiles that split the rows anywhere give the full-row argmax
+        assert float(in_batch_top1(q, k, rank=0, tile=tile)) == pytest.approx(1 / 3)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(7, 5, generator=g), torch.randn(21, 5, generator=g)
+    k[10] = k[3]  # a tie: the lowest column wins, as with argmax over the row
+    full = ((q @ k.T).argmax(dim=1) == torch.arange(7) + 7).float().mean()
+    for tile in (1, 4, 10, 64):
+        assert float(in_batch_top1(q, k, rank=1, tile=tile)) == float(full)
 
 
 def _two_rank_worker(rank: int, b: int, e: int, seed: int) -> dict[str, list[torch.Tensor]]:
