@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +19,10 @@ from tests.integration.train_utils import REPO, data_overrides, env, run_train, 
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 STEPS = 6
+TERMS = ("loss", "contrastive_loss", "matching_loss", "generation_loss")
+# The debug recipe's first losses (2 ranks, ZeRO-3, fp32, deterministic). Regenerate with
+# MICO_UPDATE_GOLDEN=1 only for an intended behaviour change, and say why in the commit message.
+GOLDEN = REPO / "tests" / "assets" / "golden_losses_debug.json"
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +53,20 @@ def test_trains_saves_and_summarizes(full_run: Path):
     assert summary["steps"] == STEPS and summary["zero_stage"] == 3 and summary["world_size"] == 2
     assert "retrieval/t2k_r1" in summary["eval"]
     assert (full_run / "config.yaml").exists()
+
+
+def test_golden_losses(full_run: Path):
+    got = {str(r["step"]): {k: r[k] for k in TERMS} for r in train_records(full_run)}
+    if os.environ.get("MICO_UPDATE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"recipe": "debug", "world_size": 2, "zero_stage": 3, "steps": STEPS, "losses": got}
+        GOLDEN.write_text(json.dumps(doc, indent=1) + "\n")
+    want = json.loads(GOLDEN.read_text())["losses"]
+    assert sorted(got, key=int) == sorted(want, key=int)
+    for step, terms in want.items():
+        for k, v in terms.items():
+            # rel 1e-4: room for another CPU's GEMM kernels, far below what a behaviour change moves
+            assert got[step][k] == pytest.approx(v, rel=1e-4), (step, k, got[step][k], v)
 
 
 def test_resume_continues_past_the_end(full_run: Path, data_root: Path, tmp_path: Path):
