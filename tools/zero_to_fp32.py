@@ -60,19 +60,24 @@ class PeakMemory:
             pass
         return out
 
+    def _sample(self) -> None:
+        for k, v in self.read().items():
+            if k in self.peak:
+                self.peak[k] = max(self.peak[k], v)
+
     def _run(self) -> None:
         while not self._stop.wait(0.02):
-            for k, v in self.read().items():
-                if k in self.peak:
-                    self.peak[k] = max(self.peak[k], v)
+            self._sample()
 
     def __enter__(self) -> PeakMemory:
+        self._sample()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample()
         self.peak["VmHWM"] = self.read().get("VmHWM", 0)
 
 

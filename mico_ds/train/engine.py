@@ -232,9 +232,13 @@ def load_checkpoint(engine: Any, ckpt_dir: Path, tag: str, universal: bool = Fal
     inside ``load_checkpoint``; the engine is built before we know what the resume tag holds, so the
     parsed setting is switched on for this call (the same as having it in the JSON) and restored after.
 
-    ZeRO-3 (DeepSpeed 0.19.8, ``stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3``) then gives
-    EVERY param group the hyperparameters of group 0 (our groups differ in weight_decay and lr_scale);
-    the saved groups are put back here. ZeRO-1/2 restore each group from its own entry.
+    Two defects of DeepSpeed 0.19.8's ZeRO-3 universal load
+    (``stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3``) are repaired here: it gives EVERY
+    param group the hyperparameters of group 0 (ours differ in weight_decay and lr_scale): the saved
+    groups are put back; and it puts ONE ``step`` tensor into the Adam state of every sub-group, which
+    torch's AdamW then increments in place once per sub-group per step (2 groups: the step count
+    grows by 2 a step, skewing bias correction, and later checkpoints inherit the alias): each
+    sub-group gets its own copy. ZeRO-1/2 restore each group from its own entries.
 
     Returns:
         The loaded path, or None when DeepSpeed found nothing to load.
@@ -257,4 +261,7 @@ def load_checkpoint(engine: Any, ckpt_dir: Path, tag: str, universal: bool = Fal
             )
         for g, s in zip(live, groups):
             g.update({k: v for k, v in s.items() if k != "params"})
+        for state in engine.optimizer.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
     return path
