@@ -231,3 +231,43 @@ def test_universal_checkpoint_changes_the_world_size_both_ways(run2: Path, data_
     shutil.copytree(uni4, r2 / "checkpoints" / uni4.name)
     run_train(r2, *args, f"--train.max_steps={STEPS + 1}", "--resume", uni4.name, nproc=2)
     assert_same_optimizer_state(mid, gather_zero3(r2 / "checkpoints" / tag4), STEPS + 1)
+
+
+def test_zero2_converts_and_changes_the_world_size(data_root: Path, tmp_path: Path) -> None:
+    """ZeRO-2 takes DeepSpeed's other routes (its reader joins partitions up front; its universal
+    conversion and load are the ZeRO-1/2 ones): the same checks, 2 ranks -> 1 rank."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from mico_ds.export import load_state_dict
+    from mico_ds.train.convert import to_universal
+
+    tag = "step00000002"
+    args = [*data_overrides(data_root), "--train.ds_config=zero2_cpu.json", "--train.max_steps=2",
+            "--train.save_every=100"]  # fmt: skip
+    run = tmp_path / "z2"
+    run_train(run, *args)
+    ck = run / "checkpoints"
+    assert (
+        tool_main("zero_to_fp32", str(run), str(tmp_path / "out"), "--max-shard-size", "100KB", "--quiet")
+        == 0
+    )
+    ours, ref = load_state_dict(tmp_path / "out"), get_fp32_state_dict_from_zero_checkpoint(str(ck))
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+    uni = to_universal(ck, tag)
+    r1 = tmp_path / "r1"
+    shutil.copytree(uni, r1 / "checkpoints" / uni.name)
+    run_train(r1, *args, "--resume", uni.name, "--allow-config-change", nproc=1)
+    again = to_universal(r1 / "checkpoints", tag, "again")  # the 1-rank save, per parameter again
+    names = [p.name for p in (uni / "zero").iterdir() if p.is_dir()]
+    assert len(names) > 50
+    for name in names:
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            a = torch.load(uni / "zero" / name / f"{key}.pt", weights_only=False)
+            b = torch.load(again / "zero" / name / f"{key}.pt", weights_only=False)
+            a, b = (x["param"] if isinstance(x, dict) else x for x in (a, b))
+            assert torch.equal(a, b), (name, key)
+    osd = torch.load(
+        r1 / "checkpoints" / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False
+    )
+    groups = osd["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.01]

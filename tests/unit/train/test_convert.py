@@ -161,3 +161,24 @@ def test_world_size_change_repeats_no_sample_within_an_epoch(
         again = Counter(seen[: old_world * steps_before * 2] + _epoch_keys(ld, steps_after))
         ld.close()
         assert any(n > 1 for n in again.values())
+
+
+def test_zero0_checkpoint_is_its_module_file(tmp_path: Path, capsys) -> None:
+    """ZeRO-0 keeps the whole module in mp_rank_00_model_states.pt (DeepSpeed's zero_to_fp32 does not
+    read stage 0): the tool writes that module, and to_universal says no conversion is needed."""
+    import torch
+
+    from mico_ds.export import load_state_dict
+
+    tag = tmp_path / "checkpoints" / "step00000001"
+    (tag / "client").mkdir(parents=True)
+    module = {"w": torch.randn(3, 4), "n": torch.arange(3)}
+    torch.save({"module": module, "optimizer": {}}, tag / "mp_rank_00_model_states.pt")
+    (tag / "client" / "meta.json").write_text(json.dumps({"world_size": 2, "step": 1}))
+    (tmp_path / "checkpoints" / "latest").write_text("step00000001")
+    assert _tool("zero_to_fp32").main([str(tmp_path), str(tmp_path / "out"), "--quiet"]) == 0
+    assert "ZeRO-0, written by 2 rank(s)" in capsys.readouterr().out
+    got = load_state_dict(tmp_path / "out")
+    assert got.keys() == module.keys() and all(torch.equal(got[k], module[k]) for k in module)
+    assert _tool("to_universal").main([str(tmp_path)]) == 2
+    assert "loads on any number of ranks as it is" in capsys.readouterr().err
