@@ -95,10 +95,7 @@ def describe(tag_dir: Path) -> dict[str, Any]:
     sd = torch.load(optim[0], map_location="cpu", mmap=True, weights_only=False)
     stage = sd.get("optimizer_state_dict", {}).get("zero_stage")
     if stage is None:
-        raise ValueError(
-            f"{optim[0]}: no zero_stage in its optimizer state: DeepSpeed's bf16 optimizer without ZeRO "
-            f"(stage 0 + bf16) keeps partitioned fp32 master weights this tool cannot read; use ZeRO >= 1"
-        )
+        raise ValueError(f"{optim[0]}: its optimizer state has no zero_stage: not a ZeRO checkpoint")
     return {"zero_stage": int(stage), "world_size": len(optim), "universal": False}
 
 
@@ -154,12 +151,51 @@ def fp32_state_dict(ckpt_dir: str | Path, tag: str) -> Mapping[str, Any]:
     elif info["zero_stage"] == 0:
         sd0 = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         out = {k: v.float() if v.is_floating_point() else v for k, v in sd0["module"].items()}
+        opt = sd0.get("optimizer")
+        if isinstance(opt, dict) and opt.get("fp32_groups"):
+            # bf16 without ZeRO: the module holds bf16 copies, DeepSpeed's optimizer the fp32 masters
+            out.update(_stage0_master_weights(ckpt_dir, tag, sd0["module"], opt["fp32_groups"]))
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         out = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag, lazy_mode=True)
     rank = {k: i for i, k in enumerate(order)}
     return OrderedDict(sorted(out.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+
+def _stage0_master_weights(
+    ckpt_dir: Path, tag: str, module: Mapping[str, torch.Tensor], fp32_groups: list
+) -> dict[str, torch.Tensor]:
+    """Name the fp32 master copies of a ZeRO-0 bf16 optimizer (``fp32_groups``: one list of tensors per
+    param group, no names) by rebuilding the trainer's param groups from the run config and the module's
+    names and shapes (``mico_ds.train.engine.param_groups``: the rule that made them)."""
+    from mico_ds.train.engine import param_groups
+
+    fake = {
+        name: torch.nn.Parameter(torch.empty(t.shape, device="meta"))
+        for name, t in module.items()
+        if t.is_floating_point()
+    }
+
+    class _Shapes(torch.nn.Module):
+        def named_parameters(self, *a: Any, **k: Any):  # type: ignore[override]
+            yield from fake.items()
+
+    groups = param_groups(_Shapes(), load_run_config(ckpt_dir, tag))
+    if not all(isinstance(g, list) for g in fp32_groups) or len(groups) != len(fp32_groups):
+        raise ValueError(
+            f"{ckpt_dir / tag}: optimizer fp32_groups ({len(fp32_groups)} groups) do not match the run's "
+            f"{len(groups)} parameter groups: cannot name the fp32 master weights"
+        )
+    names = {}
+    by_id = {id(p): n for n, p in fake.items()}
+    for gi, (g, masters) in enumerate(zip(groups, fp32_groups)):
+        group_names = [by_id[id(p)] for p in g["params"]]
+        shapes = [tuple(module[n].shape) for n in group_names]
+        if shapes != [tuple(t.shape) for t in masters]:
+            raise ValueError(f"{ckpt_dir / tag}: fp32_groups[{gi}] shapes do not match param group {gi}")
+        names.update({n: t.float() for n, t in zip(group_names, masters)})
+    return names
 
 
 def load_run_config(ckpt_dir: Path, tag: str):

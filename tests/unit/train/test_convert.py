@@ -182,3 +182,37 @@ def test_zero0_checkpoint_is_its_module_file(tmp_path: Path, capsys) -> None:
     assert got.keys() == module.keys() and all(torch.equal(got[k], module[k]) for k in module)
     assert _tool("to_universal").main([str(tmp_path)]) == 2
     assert "loads on any number of ranks as it is" in capsys.readouterr().err
+
+
+def test_zero0_bf16_checkpoint_gives_the_fp32_master_weights(tmp_path: Path) -> None:
+    """bf16 without ZeRO: the module file holds bf16 copies, the optimizer its fp32 masters in unnamed
+    per-group lists; they are named by the trainer's own param-group rule (here four groups: decay or
+    not x a text branch at half the learning rate)."""
+    import torch
+
+    from mico_ds.config import to_dict
+    from mico_ds.models.mico import MiCoModel
+    from mico_ds.train.convert import fp32_state_dict
+    from mico_ds.train.engine import param_groups
+    from tests.helpers.tiny import make_tiny_config, make_tiny_special
+
+    cfg = make_tiny_config()
+    cfg.optim.text_lr_scale = 0.5
+    torch.manual_seed(0)
+    model = MiCoModel(cfg, make_tiny_special())
+    groups = param_groups(model, cfg)
+    assert len(groups) == 4  # (decay or not) x (scale 1 or 0.5)
+    masters = [[p.detach().clone() + 1e-4 for p in g["params"]] for g in groups]  # not bf16-representable
+    tag = tmp_path / "checkpoints" / "step00000001"
+    (tag / "client").mkdir(parents=True)
+    module = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    torch.save({"module": module, "optimizer": {"fp32_groups": masters}}, tag / "mp_rank_00_model_states.pt")
+    (tag / "client" / "meta.json").write_text(
+        json.dumps({"world_size": 1, "step": 1, "config": to_dict(cfg)})
+    )
+    got = {k: v.contiguous() for k, v in fp32_state_dict(tmp_path / "checkpoints", "step00000001").items()}
+    want = {n: m for g, ms in zip(groups, masters) for n, m in zip(
+        [k for k, p in model.named_parameters() if any(p is q for q in g["params"])], ms)}  # fmt: skip
+    assert got.keys() == module.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == torch.float32 and torch.equal(got[k], want[k]), k
