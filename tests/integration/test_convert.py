@@ -208,6 +208,14 @@ def test_universal_checkpoint_changes_the_world_size_both_ways(run2: Path, data_
         full = full["param"] if isinstance(full, dict) else full
         assert torch.equal(full.view(before[key][name].shape), before[key][name])
 
+    # the universal checkpoint consolidates to the same weights (read from its per-parameter files)
+    from mico_ds.export import load_state_dict
+
+    assert tool_main("zero_to_fp32", str(uni), str(tmp_path / "from_uni"), "--quiet") == 0
+    from_uni = load_state_dict(tmp_path / "from_uni")
+    assert from_uni.keys() == before["fp32"].keys()
+    assert all(torch.equal(from_uni[k], before["fp32"][k]) for k in from_uni)
+
     # 2 -> 1: resume, save at once (no step), compare; then train one more step on 1 rank
     r1 = tmp_path / "r1"
     shutil.copytree(uni, r1 / "checkpoints" / uni.name)
