@@ -6,6 +6,8 @@ Layout under ``<run_dir>/checkpoints``::
     step00000100/client/rank0.pt per-rank client state: data stream position, RNG states
     step00000100/client/meta.json step, resolved config, world size, metric history (rank 0)
     latest                       name of the newest COMPLETE checkpoint (DeepSpeed's convention)
+    step00000100_universal/      written by tools/to_universal.py: DeepSpeed's universal layout
+                                 (zero/<param>/...), client/ copied, and mico_universal.json (marker)
 
 ``latest`` is rewritten (temp file + rename) only after every rank has finished writing, so a crash
 in the middle of a save leaves the previous checkpoint as ``latest``.
@@ -29,6 +31,8 @@ from mico_ds import distributed as mdist
 
 log = logging.getLogger("mico_ds")
 TAG_RE = re.compile(r"^step(\d{8})$")
+# Written into a tag dir by tools/to_universal.py: load it with DeepSpeed's checkpoint.load_universal.
+UNIVERSAL_MARKER = "mico_universal.json"
 
 
 def tag_for(step: int) -> str:
@@ -137,3 +141,50 @@ def load_meta(ckpt_dir: Path, tag: str) -> dict[str, Any]:
 def load_client(ckpt_dir: Path, tag: str, rank: int) -> dict[str, Any] | None:
     f = ckpt_dir / tag / "client" / f"rank{rank}.pt"
     return torch.load(f, weights_only=False) if f.exists() else None
+
+
+def is_universal(tag_dir: Path) -> bool:
+    """A universal checkpoint written by ``tools/to_universal.py`` (its marker file is there)."""
+    return (Path(tag_dir) / UNIVERSAL_MARKER).is_file()
+
+
+def is_partitioned(tag_dir: Path) -> bool:
+    """True when the optimizer state is split per rank (ZeRO >= 1, or DeepSpeed's bf16 optimizer): such a
+    checkpoint loads only on the world size that wrote it, unless converted to a universal one."""
+    return any(Path(tag_dir).glob("*_optim_states.pt")) and not is_universal(tag_dir)
+
+
+def load_data_states(ckpt_dir: Path, tag: str, world_size: int) -> list[dict[str, Any]]:
+    """Every rank's data-stream state of a checkpoint written by ``world_size`` ranks."""
+    states = []
+    for r in range(world_size):
+        c = load_client(ckpt_dir, tag, r)
+        if c is None:
+            raise ValueError(f"{ckpt_dir / tag / 'client'} lacks rank{r}.pt ({world_size} ranks wrote it)")
+        states.append(c["data"])
+    return states
+
+
+def merge_data_states(states: list[dict[str, Any]], rank: int) -> dict[str, Any]:
+    """One data state for a rank of a NEW world size from all ranks' states of the old one.
+
+    Each stream state (a ``CorpusLoader``'s: it has ``positions``) gets the positions of every old
+    stream, so the loader's other-topology rule ("start every stream at the epoch after the furthest
+    one recorded") sees the furthest epoch of ALL old ranks, not only of the old rank with the same
+    index. Skip counters are old rank ``rank``'s (zero for a new rank). Everything else (schedule step,
+    versions, names) is the same on every rank and is taken from rank 0.
+    """
+
+    def merge(parts: list[Any]) -> Any:
+        first = parts[0]
+        if not isinstance(first, dict):
+            return first
+        if "positions" in first:
+            out = dict(first)
+            out["positions"] = [p for s in parts for p in s["positions"]]
+            own = parts[rank] if rank < len(parts) else None
+            out["stats"] = own["stats"] if own is not None else {"seen": 0, "skipped": {}, "examples": {}}
+            return out
+        return {k: merge([s[k] for s in parts]) if isinstance(v, dict) else v for k, v in first.items()}
+
+    return merge(states)

@@ -223,3 +223,45 @@ def build_engine(cfg: RunConfig, model_fn) -> tuple[Any, dict[str, Any]]:
     sched = torch.optim.lr_scheduler.LambdaLR(optim, [base] * len(groups))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optim, lr_scheduler=sched, config=ds)
     return engine, ds
+
+
+def load_checkpoint(engine: Any, ckpt_dir: Path, tag: str, universal: bool = False) -> str | None:
+    """``engine.load_checkpoint`` of one tag; ``universal=True`` loads a universal checkpoint.
+
+    DeepSpeed takes "universal or not" from ``checkpoint.load_universal`` of its config, and reads it only
+    inside ``load_checkpoint``; the engine is built before we know what the resume tag holds, so the
+    parsed setting is switched on for this call (the same as having it in the JSON) and restored after.
+
+    Two defects of DeepSpeed 0.19.8's ZeRO-3 universal load
+    (``stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3``) are repaired here: it gives EVERY
+    param group the hyperparameters of group 0 (ours differ in weight_decay and lr_scale): the saved
+    groups are put back; and it puts ONE ``step`` tensor into the Adam state of every sub-group, which
+    torch's AdamW then increments in place once per sub-group per step (2 groups: the step count
+    grows by 2 a step, skewing bias correction, and later checkpoints inherit the alias): each
+    sub-group gets its own copy. ZeRO-1/2 restore each group from its own entries.
+
+    Returns:
+        The loaded path, or None when DeepSpeed found nothing to load.
+    """
+    conf = engine._config
+    before = conf.load_universal_checkpoint
+    conf.load_universal_checkpoint = universal
+    try:
+        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    finally:
+        conf.load_universal_checkpoint = before
+    if path is not None and universal and engine.zero_optimization_stage() == 3:
+        saved = torch.load(Path(ckpt_dir) / tag / "zero" / "optimizer_state.pt", weights_only=False)
+        groups = saved["param_groups"]
+        live = engine.optimizer.optimizer.param_groups  # the torch optimizer under ZeRO-3
+        if len(groups) != len(live):
+            raise ValueError(
+                f"{ckpt_dir / tag}: {len(groups)} optimizer param groups saved, {len(live)} now "
+                f"(optim.* or frozen branches changed?)"
+            )
+        for g, s in zip(live, groups):
+            g.update({k: v for k, v in s.items() if k != "params"})
+        for state in engine.optimizer.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+    return path

@@ -18,7 +18,7 @@ from mico_ds import distributed as mdist
 from mico_ds.config import RunConfig, config_from_dict, to_dict
 from mico_ds.train import checkpoint as ckpt
 from mico_ds.train import data as tdata
-from mico_ds.train.engine import build_engine, init_distributed, zero_stage
+from mico_ds.train.engine import build_engine, init_distributed, load_checkpoint, zero_stage
 from mico_ds.train.metrics import MetricsWriter, Throughput, train_flops_per_sample
 from mico_ds.train.signals import PREEMPTED_EXIT_CODE, StopFlag
 
@@ -213,19 +213,34 @@ class Trainer:
         tag = ckpt.resolve_tag(self.ckpt_dir, resume)
         meta = ckpt.load_meta(self.ckpt_dir, tag)
         self.check_compatible(meta, allow_config_change)
-        path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        tag_dir = self.ckpt_dir / tag
+        old_world = int(meta["world_size"])
+        if old_world != self.world and ckpt.is_partitioned(tag_dir):
+            raise ValueError(
+                f"{tag_dir} holds ZeRO partitions of {old_world} ranks and cannot load on {self.world}: "
+                f"convert it first with `python tools/to_universal.py {self.ckpt_dir} --tag {tag}`, then "
+                f"resume with --resume {tag}_universal --allow-config-change"
+            )
+        path = load_checkpoint(self.engine, self.ckpt_dir, tag, universal=ckpt.is_universal(tag_dir))
         if path is None:
-            raise ValueError(f"DeepSpeed could not load {self.ckpt_dir / tag}")
-        client = ckpt.load_client(self.ckpt_dir, tag, self.rank)
+            raise ValueError(f"DeepSpeed could not load {tag_dir}")
         self.step = int(meta["step"])
         self.history = list(meta.get("history", []))
-        if client is not None and meta["world_size"] == self.world:
+        client = ckpt.load_client(self.ckpt_dir, tag, self.rank) if old_world == self.world else None
+        if client is not None:
             self.data.load_state_dict(client["data"])
             ckpt.set_rng_state(client["rng"])
-        else:
+        elif old_world == self.world:  # a checkpoint without this rank's client file
             self.data.fast_forward(self.step)
+        else:
+            # Another world size: no stream maps onto an old one. Every new stream starts the epoch
+            # after the furthest any old stream reached (see docs/operations.md, "Change the GPU
+            # count"); the corpus schedule continues at this step. RNG states stay as seeded.
+            merged = ckpt.merge_data_states(ckpt.load_data_states(self.ckpt_dir, tag, old_world), self.rank)
+            merged["step"] = self.step * self.cfg.optim.grad_accum  # schedule position in micro-batches
+            self.data.load_state_dict(merged)
         if self.rank == 0:
-            log.info("resumed from %s at step %d", self.ckpt_dir / tag, self.step)
+            log.info("resumed from %s at step %d", tag_dir, self.step)
 
     def check_compatible(self, meta: dict[str, Any], allow: bool) -> None:
         old, new = meta["config"], to_dict(self.cfg)
@@ -235,7 +250,8 @@ class Trainer:
         if diffs and not allow:
             raise ValueError(
                 f"resuming would break exact continuation: changed {diffs}. Pass "
-                f"--allow-config-change to resume anyway (the data stream then restarts its order)"
+                f"--allow-config-change to resume anyway (the data order then differs from the "
+                f"uninterrupted run's; see docs/operations.md)"
             )
         if diffs and self.rank == 0:
             log.warning("resuming with changed %s: the data order is not the uninterrupted run's", diffs)
