@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -77,6 +78,24 @@ def real_memory_mb(margin_mb: int = 1024) -> int:
     raise RuntimeError("no MemTotal in /proc/meminfo")
 
 
+def first_job_id() -> int:
+    """A random first job id whose rendezvous port is free.
+
+    launch/slurm_pretrain.sh derives MASTER_PORT = 20000 + job id mod 20000, so two private clusters
+    that both started at job 1 (tests running at once on one machine) would share a port.
+    """
+    rng = random.Random()
+    for _ in range(100):
+        jid = rng.randrange(1000, 19000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", 20000 + jid))
+                return jid
+            except OSError:
+                continue
+    return 1
+
+
 SLURM_CONF = """\
 ClusterName=micotest
 SlurmctldHost={host}
@@ -101,6 +120,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/builtin
 JobRequeue=1
+FirstJobId={first_job_id}
 ReturnToService=2
 MpiDefault=none
 SwitchType=switch/none
@@ -154,6 +174,7 @@ class SlurmCluster:
             munge_socket=self.munge_socket,
             cpus=self.cpus,
             mem=real_memory_mb(),
+            first_job_id=first_job_id(),
         )
         self.conf.write_text(text)
 
