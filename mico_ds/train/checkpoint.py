@@ -7,8 +7,14 @@ Layout under ``<run_dir>/checkpoints``::
     step00000100/client/meta.json step, resolved config, world size, metric history (rank 0)
     latest                       name of the newest COMPLETE checkpoint (DeepSpeed's convention)
 
-``latest`` is rewritten (temp file + rename) only after every rank has finished writing, so a crash
-in the middle of a save leaves the previous checkpoint as ``latest``.
+Commit order: every rank writes its DeepSpeed files and its client file; a barrier; rank 0 writes
+``meta.json`` (so a directory with ``meta.json`` is complete) and then rewrites ``latest`` (temp file +
+rename). A crash anywhere in a save leaves the previous checkpoint as ``latest``; the incomplete
+directory is refused by ``--resume TAG`` and overwritten when the run reaches that step again.
+
+Test hook: ``MICO_TEST_STALL_SAVE=STEP:RANK`` makes rank RANK stop in the middle of DeepSpeed's save
+of step STEP, after its first file, and wait there to be killed; it first creates
+``<checkpoints>/.stalled-<tag>-rank<RANK>`` so a test knows when to kill.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,25 +100,43 @@ def save(
 ) -> Path:
     """Save on every rank; ``latest`` moves after all ranks are done. Returns the checkpoint dir."""
     tag = tag_for(step)
+    rank = mdist.get_rank()
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    _maybe_stall(engine, ckpt_dir, tag, step, rank)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
     cdir = ckpt_dir / tag / "client"
     cdir.mkdir(parents=True, exist_ok=True)
-    rank = mdist.get_rank()
     tmp = cdir / f".rank{rank}.pt.tmp"
     torch.save({**client, "rng": rng_state(), "step": step}, tmp)
     os.replace(tmp, cdir / f"rank{rank}.pt")
+    mdist.barrier()  # every rank's partition and client file is on disk
     if rank == 0:
         tmpj = cdir / ".meta.json.tmp"
         tmpj.write_text(json.dumps({**meta, "step": step, "world_size": mdist.get_world_size()}, indent=1))
-        os.replace(tmpj, cdir / "meta.json")
-    mdist.barrier()  # every rank's partition and client file is on disk
-    if rank == 0:
-        write_latest(ckpt_dir, tag)
+        os.replace(tmpj, cdir / "meta.json")  # the directory is complete
+        write_latest(ckpt_dir, tag)  # the run's newest checkpoint
         for old in select_to_delete(list_tags(ckpt_dir), tag, keep_last, keep_every):
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     mdist.barrier()
     return ckpt_dir / tag
+
+
+def _maybe_stall(engine: Any, ckpt_dir: Path, tag: str, step: int, rank: int) -> None:
+    """Test hook (see the module docstring): stall this rank inside DeepSpeed's save, after one file."""
+    want = os.environ.get("MICO_TEST_STALL_SAVE")
+    if not want or want != f"{step}:{rank}":
+        return
+    ce = engine.checkpoint_engine
+    save_file = ce.save
+
+    def save_then_stall(state_dict: Any, path: str) -> None:
+        save_file(state_dict, path)
+        (ckpt_dir / f".stalled-{tag}-rank{rank}").write_text(f"{os.getpid()} {path}\n")
+        log.warning("MICO_TEST_STALL_SAVE: rank %d stalls in saving %s after writing %s", rank, tag, path)
+        while True:  # until killed
+            time.sleep(60)
+
+    ce.save = save_then_stall
 
 
 def resolve_tag(ckpt_dir: Path, resume: str) -> str:
