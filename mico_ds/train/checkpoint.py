@@ -19,6 +19,7 @@ of step STEP, after its first file, and wait there to be killed; it first create
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,24 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
+
+
+@contextlib.contextmanager
+def rng_preserved() -> Iterator[None]:
+    """Leave the global CPU RNGs (python, numpy, torch) as they were before the block.
+
+    Around a data fetch: a DataLoader draws its workers' base seed from torch's global RNG whenever it
+    starts them, which a resumed run does at another step than the uninterrupted one; the samples do not
+    depend on it (the pipeline seeds its own generators), but everything after the fetch that draws from
+    the global RNG (dropout, stochastic depth) would be shifted by one draw.
+    """
+    py, npy, pt = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(pt)
 
 
 def set_rng_state(s: dict[str, Any]) -> None:

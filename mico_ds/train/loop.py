@@ -121,7 +121,9 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         n = 0
         for micro in range(self.cfg.optim.grad_accum):
-            with shield_children():  # data workers may be forked here: keep SIGTERM/SIGUSR1 from them
+            # Data workers may be forked here: keep SIGTERM/SIGUSR1 from them, and their seed draw from
+            # the trainer's RNG (a resume forks them at another step).
+            with shield_children(), ckpt.rng_preserved():
                 raw = next(self.data)
             if self.keys is not None:
                 self.keys.write(self.step + 1, micro, raw)
