@@ -12,8 +12,9 @@ Commit order: every rank writes its DeepSpeed files and its client file; a barri
 rename). A crash anywhere in a save leaves the previous checkpoint as ``latest``; the incomplete
 directory is refused by ``--resume TAG`` and overwritten when the run reaches that step again.
 
-Test hook: ``MICO_TEST_STALL_SAVE=STEP:RANK`` makes rank RANK stop in the middle of DeepSpeed's save
-of step STEP, after its first file, and wait there to be killed; it first creates
+Test hook: ``MICO_TEST_STALL_SAVE=STEP:RANK[:client]`` makes rank RANK stop in its save of step STEP
+and wait there to be killed: in the middle of DeepSpeed's save, after its first file, or with
+``:client`` after DeepSpeed's files and before its client state. It first creates
 ``<checkpoints>/.stalled-<tag>-rank<RANK>`` so a test knows when to kill.
 """
 
@@ -122,8 +123,12 @@ def save(
     tag = tag_for(step)
     rank = mdist.get_rank()
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    _maybe_stall(engine, ckpt_dir, tag, step, rank)
+    stall = _stall_requested(step, rank)
+    if stall == "deepspeed":
+        _stall_inside_deepspeed(engine, ckpt_dir, tag, rank)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    if stall == "client":
+        _stall(ckpt_dir, tag, rank, "DeepSpeed's files")
     cdir = ckpt_dir / tag / "client"
     cdir.mkdir(parents=True, exist_ok=True)
     tmp = cdir / f".rank{rank}.pt.tmp"
@@ -141,20 +146,28 @@ def save(
     return ckpt_dir / tag
 
 
-def _maybe_stall(engine: Any, ckpt_dir: Path, tag: str, step: int, rank: int) -> None:
-    """Test hook (see the module docstring): stall this rank inside DeepSpeed's save, after one file."""
-    want = os.environ.get("MICO_TEST_STALL_SAVE")
-    if not want or want != f"{step}:{rank}":
-        return
+def _stall_requested(step: int, rank: int) -> str | None:
+    """Test hook (see the module docstring): where this rank stalls in the save of ``step``, if at all."""
+    parts = os.environ.get("MICO_TEST_STALL_SAVE", "").split(":")
+    if parts[:2] != [str(step), str(rank)]:
+        return None
+    return parts[2] if len(parts) > 2 else "deepspeed"
+
+
+def _stall(ckpt_dir: Path, tag: str, rank: int, written: str) -> None:
+    (ckpt_dir / f".stalled-{tag}-rank{rank}").write_text(f"{os.getpid()} {written}\n")
+    log.warning("MICO_TEST_STALL_SAVE: rank %d stalls in saving %s after writing %s", rank, tag, written)
+    while True:  # until killed
+        time.sleep(60)
+
+
+def _stall_inside_deepspeed(engine: Any, ckpt_dir: Path, tag: str, rank: int) -> None:
     ce = engine.checkpoint_engine
     save_file = ce.save
 
     def save_then_stall(state_dict: Any, path: str) -> None:
         save_file(state_dict, path)
-        (ckpt_dir / f".stalled-{tag}-rank{rank}").write_text(f"{os.getpid()} {path}\n")
-        log.warning("MICO_TEST_STALL_SAVE: rank %d stalls in saving %s after writing %s", rank, tag, path)
-        while True:  # until killed
-            time.sleep(60)
+        _stall(ckpt_dir, tag, rank, path)
 
     ce.save = save_then_stall
 

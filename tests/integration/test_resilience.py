@@ -12,8 +12,9 @@ per-step losses bitwise (fp32 on CPU), the sample keys each rank consumed at eac
 * a resume with a changed seed and batch size is refused, naming both;
 * two "nodes" on this machine (two launchers, ``--no_ssh --node_rank 0/1``, through ``node-run``):
   train, stop, resume;
-* a rank killed with SIGKILL, on one node and across two nodes: the job ends non-zero, in bounded time,
-  and says which rank died.
+* a rank killed with SIGKILL, mid-step on one node, and on the other of two nodes while rank 0 waits for
+  it in a save (``MICO_TEST_STALL_SAVE=2:1:client``): the job ends non-zero, in bounded time, says
+  which rank died, and the half-written checkpoint is not marked complete.
 """
 
 from __future__ import annotations
@@ -330,15 +331,15 @@ def two_node_cmd(run: Path, hostfile_path: Path, port: int, *args: str) -> list[
     ]  # fmt: skip
 
 
-def start_two_nodes(run: Path, tmp: Path, name: str, *args: str) -> list[Job]:
+def start_two_nodes(
+    run: Path, tmp: Path, name: str, *args: str, extra_env: dict[str, str] | None = None
+) -> list[Job]:
     hf = tmp / "hostfile"
     # two host names for this machine: DeepSpeed refuses a hostfile that names a host twice
     hf.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")
     port = free_port()
-    return [
-        Job(two_node_cmd(run, hf, port, *args), tmp / f"{name}.node{n}", {"NODE_RANK": str(n)})
-        for n in (0, 1)
-    ]
+    cmd = two_node_cmd(run, hf, port, *args)
+    return [Job(cmd, tmp / f"{name}.node{n}", {**(extra_env or {}), "NODE_RANK": str(n)}) for n in (0, 1)]
 
 
 def test_two_nodes_train_stop_and_resume(reference: Path, data_root: Path, tmp_path: Path):
@@ -390,12 +391,15 @@ def test_killed_rank_ends_the_job_and_is_named(data_root: Path, tmp_path: Path):
     assert f"rank 1 (pid {pid} on " in out and "died" in out, out[-6000:]
 
 
-def test_killed_rank_on_another_node_ends_both_nodes(data_root: Path, tmp_path: Path):
+def test_rank_killed_in_a_save_on_another_node_ends_both_nodes(data_root: Path, tmp_path: Path):
     run = tmp_path / "run"
-    args = [*data_overrides(data_root), "--train.max_steps=1000", "--train.save_every=0",
+    ck, tag = run / "checkpoints", ckpt.tag_for(2)
+    args = [*data_overrides(data_root), "--train.max_steps=1000", "--train.save_every=2",
             "--data.num_workers=2", "--train.dist_timeout_s=60", "--train.progress=false"]  # fmt: skip
-    jobs = start_two_nodes(run, tmp_path, "dies", *args)
-    wait_for("step 1 on two nodes", logged_step(run, 1), jobs)
+    # rank 1 stops after its DeepSpeed files, before its client state; rank 0 waits for it in the save
+    jobs = start_two_nodes(run, tmp_path, "dies", *args, extra_env={"MICO_TEST_STALL_SAVE": "2:1:client"})
+    wait_for("rank 1 stalled in the save of step 2", lambda: (ck / f".stalled-{tag}-rank1").exists(), jobs)
+    wait_for("rank 0's part of the save", lambda: (ck / tag / "client" / "rank0.pt").exists(), jobs)
     pid = kill_rank_1(run)  # node 1's only rank: its launcher ends; node 0 must end by itself
     t0 = time.monotonic()
     rcs = [j.wait(DIES_S) for j in jobs]
@@ -404,3 +408,8 @@ def test_killed_rank_on_another_node_ends_both_nodes(data_root: Path, tmp_path: 
     assert time.monotonic() - t0 < DIES_S
     assert f"rank 1 (pid {pid} on " in out0 and "died" in out0, out0[-6000:]
     assert "rank 0 (pid" in out0 and "failed in step" in out0, out0[-6000:]
+    # every DeepSpeed file is there, rank 1's client state is not: the checkpoint is not complete
+    files = {p.name for p in (ck / tag).iterdir()} | {p.name for p in (ck / tag / "client").iterdir()}
+    assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= files, files
+    assert "rank0.pt" in files and "rank1.pt" not in files, files
+    assert "meta.json" not in files and ckpt.read_latest(ck) is None, files
