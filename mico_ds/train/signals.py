@@ -9,7 +9,8 @@ launcher send SIGTERM to every process of the job, and torch's worker handler di
 does not come from its parent, which the trainer then reports as "DataLoader worker ... is killed by
 signal: Terminated" in the middle of a step. :func:`shield_children` keeps the stop signals blocked
 while the trainer may fork workers, so they stay pending in the workers for good (the workers still
-exit when the trainer does: torch's worker watchdog) and reach the trainer as soon as the fork is done.
+exit when the trainer does: torch's worker watchdog). The trainer still gets them: through one of its
+other threads (the mask is per thread) or when the block ends.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 @contextlib.contextmanager
 def shield_children() -> Iterator[None]:
     """Block the stop signals in this thread for the duration; processes forked meanwhile inherit the
-    mask and never see them. A stop signal that arrives meanwhile is delivered when the block ends."""
+    mask and never see them. A stop signal sent to the process meanwhile is taken by another thread or
+    delivered when the block ends; the Python handler runs in the main thread either way."""
     old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield

@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def test_children_forked_in_the_shield_ignore_stop_signals(restore_stop_handlers
     signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
     with shield_children():
         shielded = _fork_sleeper()
-        os.kill(os.getpid(), signal.SIGTERM)
+        # Directed at this thread (a process-wide signal may go to another thread, which is fine too).
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
         time.sleep(0.1)
         assert got == [], "blocked in the shield"
     assert got == [signal.SIGTERM], "delivered to the trainer as soon as the shield ends"
