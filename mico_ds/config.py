@@ -209,6 +209,9 @@ class TrainConfig:
     deterministic: bool = _f(False, "Deterministic algorithms (for golden-loss tests).")
     dist_timeout_s: float = _f(600.0, "Process-group timeout: a dead rank ends the job within this time.")
     progress: bool = _f(True, "Progress bar on rank 0.")
+    record_keys: bool = _f(
+        False, "Debug: write the sample keys of every micro-batch to RUN_DIR/keys/rank{R}.jsonl."
+    )
 
 
 @dataclass

@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return trainer.fit()
+    except Exception as e:
+        trainer.report_failure(e)  # names this rank and any peer it sees dead, before the traceback
+        raise
     finally:
         trainer.close()
 

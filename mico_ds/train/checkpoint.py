@@ -9,18 +9,28 @@ Layout under ``<run_dir>/checkpoints``::
     step00000100_universal/      written by tools/to_universal.py: DeepSpeed's universal layout
                                  (zero/<param>/...), client/ copied, and mico_universal.json (marker)
 
-``latest`` is rewritten (temp file + rename) only after every rank has finished writing, so a crash
-in the middle of a save leaves the previous checkpoint as ``latest``.
+Commit order: every rank writes its DeepSpeed files and its client file; a barrier; rank 0 writes
+``meta.json`` (so a directory with ``meta.json`` is complete) and then rewrites ``latest`` (temp file +
+rename). A crash anywhere in a save leaves the previous checkpoint as ``latest``; the incomplete
+directory is refused by ``--resume TAG`` and overwritten when the run reaches that step again.
+
+Test hook: ``MICO_TEST_STALL_SAVE=STEP:RANK[:client]`` makes rank RANK stop in its save of step STEP
+and wait there to be killed: in the middle of DeepSpeed's save, after its first file, or with
+``:client`` after DeepSpeed's files and before its client state. It first creates
+``<checkpoints>/.stalled-<tag>-rank<RANK>`` so a test knows when to kill.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +67,24 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
+
+
+@contextlib.contextmanager
+def rng_preserved() -> Iterator[None]:
+    """Leave the global CPU RNGs (python, numpy, torch) as they were before the block.
+
+    Around a data fetch: a DataLoader draws its workers' base seed from torch's global RNG whenever it
+    starts them, which a resumed run does at another step than the uninterrupted one; the samples do not
+    depend on it (the pipeline seeds its own generators), but everything after the fetch that draws from
+    the global RNG (dropout, stochastic depth) would be shifted by one draw.
+    """
+    py, npy, pt = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(pt)
 
 
 def set_rng_state(s: dict[str, Any]) -> None:
@@ -97,25 +125,55 @@ def save(
 ) -> Path:
     """Save on every rank; ``latest`` moves after all ranks are done. Returns the checkpoint dir."""
     tag = tag_for(step)
+    rank = mdist.get_rank()
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    stall = _stall_requested(step, rank)
+    if stall == "deepspeed":
+        _stall_inside_deepspeed(engine, ckpt_dir, tag, rank)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    if stall == "client":
+        _stall(ckpt_dir, tag, rank, "DeepSpeed's files")
     cdir = ckpt_dir / tag / "client"
     cdir.mkdir(parents=True, exist_ok=True)
-    rank = mdist.get_rank()
     tmp = cdir / f".rank{rank}.pt.tmp"
     torch.save({**client, "rng": rng_state(), "step": step}, tmp)
     os.replace(tmp, cdir / f"rank{rank}.pt")
+    mdist.barrier()  # every rank's partition and client file is on disk
     if rank == 0:
         tmpj = cdir / ".meta.json.tmp"
         tmpj.write_text(json.dumps({**meta, "step": step, "world_size": mdist.get_world_size()}, indent=1))
-        os.replace(tmpj, cdir / "meta.json")
-    mdist.barrier()  # every rank's partition and client file is on disk
-    if rank == 0:
-        write_latest(ckpt_dir, tag)
+        os.replace(tmpj, cdir / "meta.json")  # the directory is complete
+        write_latest(ckpt_dir, tag)  # the run's newest checkpoint
         for old in select_to_delete(list_tags(ckpt_dir), tag, keep_last, keep_every):
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     mdist.barrier()
     return ckpt_dir / tag
+
+
+def _stall_requested(step: int, rank: int) -> str | None:
+    """Test hook (see the module docstring): where this rank stalls in the save of ``step``, if at all."""
+    parts = os.environ.get("MICO_TEST_STALL_SAVE", "").split(":")
+    if parts[:2] != [str(step), str(rank)]:
+        return None
+    return parts[2] if len(parts) > 2 else "deepspeed"
+
+
+def _stall(ckpt_dir: Path, tag: str, rank: int, written: str) -> None:
+    (ckpt_dir / f".stalled-{tag}-rank{rank}").write_text(f"{os.getpid()} {written}\n")
+    log.warning("MICO_TEST_STALL_SAVE: rank %d stalls in saving %s after writing %s", rank, tag, written)
+    while True:  # until killed
+        time.sleep(60)
+
+
+def _stall_inside_deepspeed(engine: Any, ckpt_dir: Path, tag: str, rank: int) -> None:
+    ce = engine.checkpoint_engine
+    save_file = ce.save
+
+    def save_then_stall(state_dict: Any, path: str) -> None:
+        save_file(state_dict, path)
+        _stall(ckpt_dir, tag, rank, path)
+
+    ce.save = save_then_stall
 
 
 def resolve_tag(ckpt_dir: Path, resume: str) -> str:

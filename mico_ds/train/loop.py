@@ -18,15 +18,17 @@ from mico_ds import distributed as mdist
 from mico_ds.config import RunConfig, config_from_dict, to_dict
 from mico_ds.train import checkpoint as ckpt
 from mico_ds.train import data as tdata
+from mico_ds.train import health
 from mico_ds.train.engine import build_engine, init_distributed, load_checkpoint, zero_stage
-from mico_ds.train.metrics import MetricsWriter, Throughput, train_flops_per_sample
-from mico_ds.train.signals import PREEMPTED_EXIT_CODE, StopFlag
+from mico_ds.train.metrics import KeyLog, MetricsWriter, Throughput, train_flops_per_sample
+from mico_ds.train.signals import PREEMPTED_EXIT_CODE, StopFlag, shield_children
 
 log = logging.getLogger("mico_ds")
 
 # Changing these between a checkpoint and its resume breaks sample-exact continuation.
 EXACTNESS_KEYS = (
     "train.seed",
+    "optim.grad_accum",
     "data.corpora",
     "data.num_workers",
     "data.shuffle_buffer",
@@ -66,6 +68,8 @@ class Trainer:
         self.cfg = cfg
         init_distributed(cfg)
         self.rank, self.world = mdist.get_rank(), mdist.get_world_size()
+        self.ranks = health.rank_table()
+        self.watch = health.PeerWatch(self.ranks, self.rank).start()
         self.run_dir = Path(mdist.broadcast_object(str(run_dir)))
         self.ckpt_dir = self.run_dir / "checkpoints"
         if resume is None and ckpt.read_latest(self.ckpt_dir) is not None:
@@ -89,10 +93,16 @@ class Trainer:
         self.writer = MetricsWriter(self.run_dir, enabled=self.rank == 0)
         if resume is not None:
             self.load(resume, allow_config_change)
+            self.writer.rewind(self.step)  # a run killed after its checkpoint logged steps it now redoes
         elif self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         mdist.barrier()
+        self.keys = None
+        if cfg.train.record_keys:
+            self.keys = KeyLog(self.run_dir, self.rank, self.step if resume is not None else None)
+        if self.rank == 0:
+            log.info("ranks: %s", ", ".join(f"{p.rank}={p.host}:{p.pid}" for p in self.ranks))
 
     # ------------------------------------------------------------------ predicates
     def should_log(self) -> bool:
@@ -111,8 +121,14 @@ class Trainer:
         """One optimizer step over ``optim.grad_accum`` micro-batches; returns detached terms."""
         sums: dict[str, torch.Tensor] = {}
         n = 0
-        for _ in range(self.cfg.optim.grad_accum):
-            batch = to_device(next(self.data), self.device, self.bf16)
+        for micro in range(self.cfg.optim.grad_accum):
+            # Data workers may be forked here: keep SIGTERM/SIGUSR1 from them, and their seed draw from
+            # the trainer's RNG (a resume forks them at another step).
+            with shield_children(), ckpt.rng_preserved():
+                raw = next(self.data)
+            if self.keys is not None:
+                self.keys.write(self.step + 1, micro, raw)
+            batch = to_device(raw, self.device, self.bf16)
             batch["step"] = self.step
             losses, report = self.engine(batch)
             self.engine.backward(losses["loss"])
@@ -161,6 +177,7 @@ class Trainer:
                 # Every rank agreed at this step boundary: save and ask the launcher to requeue.
                 reason = self.stop.reason or "another rank"
                 path = self.save()
+                self.watch.stop()  # the last collective: the ranks now exit, each at its own pace
                 if self.rank == 0:
                     log.warning("stopping at step %d (%s); checkpoint %s", self.step, reason, path)
                     self.writer.write({"step": self.step, "event": "preempted", "reason": reason})
@@ -171,6 +188,7 @@ class Trainer:
             pbar.close()
         path = self.save() if ckpt.read_latest(self.ckpt_dir) != ckpt.tag_for(self.step) else self.ckpt_dir
         final = self.evaluate()
+        self.watch.stop()
         self.write_summary(final, path)
         return 0
 
@@ -283,7 +301,12 @@ class Trainer:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         print(format_summary(summary), flush=True)
 
+    def report_failure(self, exc: BaseException) -> None:
+        """Log which rank failed where and what it sees of its peers (a dead one is named)."""
+        log.error("%s", health.failure_report(self.ranks, self.rank, self.step, exc))
+
     def close(self) -> None:
+        self.watch.stop()
         self.writer.close()
         self.data.close()
 

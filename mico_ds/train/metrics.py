@@ -3,12 +3,38 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from mico_ds.config import RunConfig
+
+log = logging.getLogger("mico_ds")
+
+
+def drop_records_after(path: Path, step: int) -> int:
+    """Rewrite a JSON-lines file without the records whose ``step`` is above ``step``; returns how many
+    were dropped. A run killed after its last checkpoint logged steps that its resume runs again."""
+    if not path.exists():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = []
+    for line in lines:
+        try:
+            over = int(json.loads(line).get("step", 0)) > step
+        except (ValueError, AttributeError):
+            over = True  # a line cut short by the kill
+        if not over:
+            keep.append(line)
+    if len(keep) == len(lines):
+        return 0
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+    return len(lines) - len(keep)
 
 
 class MetricsWriter:
@@ -23,12 +49,27 @@ class MetricsWriter:
         self.tb = None
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+            self.tb = self._tensorboard(run_dir, None)
 
-                self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
-            except ImportError:  # tensorboard is a requirement, but logging must never stop a run
-                self.tb = None
+    @staticmethod
+    def _tensorboard(run_dir: Path, purge_step: int | None):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            return SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
+        except ImportError:  # tensorboard is a requirement, but logging must never stop a run
+            return None
+
+    def rewind(self, step: int) -> None:
+        """On resume from ``step``: forget what was logged after it (metrics.jsonl and TensorBoard)."""
+        if not self.enabled:
+            return
+        n = drop_records_after(self.path, step)
+        if n:
+            log.warning("%s: dropped %d record(s) of steps after checkpoint step %d", self.path, n, step)
+            if self.tb is not None:
+                self.tb.close()
+                self.tb = self._tensorboard(self.path.parent, step + 1)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -45,6 +86,22 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class KeyLog:
+    """Debug record of the samples each rank consumed (``train.record_keys``): one JSON line per
+    micro-batch, ``{"step", "micro", "corpus", "keys"}``, in ``RUN_DIR/keys/rank{R}.jsonl``."""
+
+    def __init__(self, run_dir: Path, rank: int, resume_step: int | None) -> None:
+        self.path = run_dir / "keys" / f"rank{rank}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            drop_records_after(self.path, resume_step)
+
+    def write(self, step: int, micro: int, batch: dict[str, Any]) -> None:
+        rec = {"step": step, "micro": micro, "corpus": batch.get("corpus"), "keys": list(batch["keys"])}
+        with open(self.path, "a") as f:  # closed at once: a kill -9 loses nothing written
+            f.write(json.dumps(rec) + "\n")
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
