@@ -13,6 +13,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+# torch 2.14 renamed all_gather_into_tensor (the old name warns); same signature.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -63,7 +66,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # x: (b, ...)
         world = dist.get_world_size()
         out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x.contiguous())
+        _all_gather_single(out, x.contiguous())
         ctx.b = x.shape[0]
         return out
 
@@ -91,7 +94,7 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     if not is_initialized() or get_world_size() == 1:
         return x
     out = torch.empty((get_world_size() * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x.contiguous())
+    _all_gather_single(out, x.contiguous())
     return out
 
 

@@ -16,13 +16,14 @@ Shape legend: B batch, L text tokens, P prefix tokens, S = P + L, H hidden size,
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 from transformers.modeling_utils import PreTrainedModel
 
 from mico_ds.config import TextConfig
@@ -55,6 +56,10 @@ def _inside_zero_init() -> bool:
     DeepSpeed into the library.
     """
     return hasattr(nn.Linear(1, 1, bias=False).weight, "ds_id")
+
+
+# transformers 5 renamed LlamaModel.forward's ``past_key_values`` to ``cache`` (the old name warns).
+_CACHE_KW = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
 def llama_config(text: TextConfig, special: SpecialTokens) -> LlamaConfig:
@@ -200,10 +205,10 @@ class TextBranch(nn.Module):
             inputs_embeds=x_BSH,
             attention_mask=mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **({_CACHE_KW: past_key_values} if past_key_values is not None else {}),
         )
-        return TextOutput(out.last_hidden_state, mask, out.past_key_values if use_cache else None)
+        return TextOutput(out.last_hidden_state, mask, getattr(out, _CACHE_KW) if use_cache else None)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head (..., H) -> (..., V); apply to the positions you need only (V is large)."""

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from mico_ds.config import help_text, list_recipes, load_config
@@ -98,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         print(help_text())
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # DeepSpeed 0.19 still calls the collectives torch 2.14 renamed; one warning per call floods the log.
+    warnings.filterwarnings(
+        "ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning, r"torch\.distributed"
+    )
     cfg = load_config(args.recipe, overrides)
     launched = any(k in os.environ for k in ("RANK", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK"))
     if args.run_dir is None:
