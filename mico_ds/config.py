@@ -237,7 +237,7 @@ class EvalConfig:
         None, "Captioning: most generated tokens (EOS included); None: data.text_max_len - 1."
     )
     length_penalty: float = _f(1.0, "Beam score = sum log-prob / length**length_penalty.")
-    qa_samples: int = _f(64, "QA: held-out items whose questions are answered (every question of each).")
+    qa_samples: int = _f(32, "QA: held-out items whose questions are answered (every question of each).")
     qa_max_tokens: int = _f(8, "QA: most generated answer tokens (EOS included).")
     use_cache: bool = _f(True, "Decode with the KV cache (False: recompute the whole sequence each step).")
 
