@@ -7,7 +7,7 @@ captioning (CIDEr-D) and open-ended QA (exact match), all on the variant's own m
 image-only retrieval (the one input every variant was trained on: a fixed benchmark).
 
     python tools/ablate.py                       # every variant, ~30-40 min on 2 CPU cores
-    python tools/ablate.py --variants l,m,n --steps 40 --out runs/ablation-small
+    python tools/ablate.py --variants l,m,f --steps 40 --out runs/ablation-small
     python tools/ablate.py --table-only          # re-read finished runs, print the table
 
 Writes OUT/recipes/<id>.yaml (the exact recipe of each variant), OUT/runs/<id>/ (run directories),
@@ -114,7 +114,8 @@ def collect(vid: str, out: Path, seconds: float | None = None) -> dict:
         "k2t_r1_rerank": ev.get("retrieval/k2t_r1_rerank"),
         "img_t2k_r1": img["retrieval/t2k_r1"], "img_k2t_r1": img["retrieval/k2t_r1"],
         "img_t2k_r1_rerank": img.get("retrieval/t2k_r1_rerank"),
-        "cider": ev["captioning/cider"], "bleu4": ev["captioning/bleu4"], "qa": ev["qa/accuracy"],
+        "cider": ev["captioning/cider"], "bleu1": ev["captioning/bleu1"], "bleu4": ev["captioning/bleu4"],
+        "qa": ev["qa/accuracy"],
         "caption_example": ev.get("captioning/examples", [{}])[0].get("generated"),
         "qa_example": ev.get("qa/examples", [{}])[0],
     }  # fmt: skip
@@ -129,8 +130,8 @@ def table(recs: list[dict]) -> str:
 
     head = (
         "| row | variant | t2k R@1 | t2k R@1 rerank | k2t R@1 | k2t R@1 rerank | image-only t2k R@1 | "
-        "image-only t2k R@1 rerank | CIDEr-D | BLEU-4 | QA acc | final loss |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "image-only t2k R@1 rerank | CIDEr-D | BLEU-1 | BLEU-4 | QA acc | final loss |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in recs:
@@ -140,7 +141,8 @@ def table(recs: list[dict]) -> str:
             f"| {r['row']} | {r['label']} | {f(r['t2k_r1'])} | {f(r['t2k_r1_rerank'])}{mark} | "
             f"{f(r['k2t_r1'])} | {f(r['k2t_r1_rerank'])}{mark} | {f(r['img_t2k_r1'])} | "
             f"{f(r['img_t2k_r1_rerank'])}{mark} | "
-            f"{f(r['cider'], 3)} | {f(r['bleu4'], 3)} | {f(r['qa'])} | {f(r['last_loss']['loss'], 3)} |"
+            f"{f(r['cider'], 3)} | {f(r['bleu1'], 3)} | {f(r['bleu4'], 3)} | {f(r['qa'])} | "
+            f"{f(r['last_loss']['loss'], 3)} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -149,7 +151,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/ablation", help="output directory (recipes, runs, table)")
     p.add_argument("--variants", default=",".join(ORDER), help=f"comma-separated ids of {ORDER}")
-    p.add_argument("--steps", type=int, default=100, help="training steps of every variant")
+    p.add_argument("--steps", type=int, default=120, help="training steps of every variant")
     p.add_argument("--batch-size", type=int, default=16, help="per-rank batch size (2 ranks)")
     p.add_argument("--seed", type=int, default=0, help="train.seed of every variant")
     p.add_argument("--log-every", type=int, default=5, help="steps between loss records")
@@ -168,8 +170,11 @@ def main() -> int:
 
     recs = []
     t0 = time.perf_counter()
+    old = {}  # training seconds measured by the run that produced the variants
+    if args.table_only and (out / "results.json").is_file():
+        old = {r["id"]: r.get("seconds") for r in json.loads((out / "results.json").read_text())}
     for vid in tqdm(ids, desc="ablation", disable=args.table_only):
-        recs.append(collect(vid, out) if args.table_only else run_variant(vid, args, out))
+        recs.append(collect(vid, out, old.get(vid)) if args.table_only else run_variant(vid, args, out))
         (out / "results.json").write_text(json.dumps(recs, indent=1))
     md = table(recs)
     (out / "table.md").write_text(md)

@@ -70,16 +70,19 @@ def plot(runs: list[Path], labels: list[str], out: Path, window: int = 1, title:
     curves = [read_curves(r) for r in runs]
     fig, axes = plt.subplots(1, len(TERMS), figsize=(4.2 * len(TERMS), 3.6))
     for ax, term in zip(axes, TERMS):
-        for c, label in zip(curves, labels):
+        for i, (c, label) in enumerate(zip(curves, labels)):
             if term in c:
                 steps, vals = c[term]
                 marker = "o" if len(steps) < 4 else None  # a line of one point is invisible
-                ax.plot(steps, smooth(vals, window), label=label, linewidth=1.4, marker=marker)
+                # One colour per run in every panel (a panel skips the runs without that term).
+                ax.plot(
+                    steps, smooth(vals, window), label=label, linewidth=1.4, marker=marker, color=f"C{i % 10}"
+                )
         ax.set_title(TITLES[term])
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("loss")
-    handles, names = axes[0].get_legend_handles_labels()
+    handles, names = axes[0].get_legend_handles_labels()  # the total loss panel has every run
     fig.legend(handles, names, loc="lower center", ncol=min(len(names), 6), frameon=False)
     if title:
         fig.suptitle(title)
