@@ -222,13 +222,47 @@ class CheckpointConfig:
     keep_every: int = _f(0, "Also keep every checkpoint whose step is a multiple of M (0: none).")
 
 
+EVAL_TASKS: tuple[str, ...] = ("retrieval", "captioning", "qa")
+
+
 @dataclass
 class EvalConfig:
-    """In-training evaluation."""
+    """Evaluation on data.val_shards: in training (every train.eval_every steps and at the end) and by
+    ``python -m mico_ds.eval`` (MiCo appendix B.3 protocol)."""
 
-    tasks: list[str] = _f(["retrieval"], "Evaluation tasks run during/after training.")
-    max_samples: int = _f(256, "Held-out samples evaluated.")
-    batch_size: int = _f(32, "Per-rank evaluation batch size.")
+    tasks: list[str] = _f(list(EVAL_TASKS), f"Evaluation tasks, a subset of {list(EVAL_TASKS)}.")
+    max_samples: int = _f(256, "Held-out items evaluated for retrieval (all of their captions).")
+    batch_size: int = _f(32, "Per-rank evaluation batch size (items, texts, or reranked pairs).")
+    rerank_k: int = _f(50, "Retrieval: top-k candidates reranked by the matching head (paper: 50; 0: off).")
+    caption_samples: int = _f(64, "Captioning: held-out items captioned.")
+    num_beams: int = _f(3, "Beam size for captioning and QA (paper: 3; 1 = greedy).")
+    caption_max_tokens: int | None = _f(
+        None, "Captioning: most generated tokens (EOS included); None: data.text_max_len - 1."
+    )
+    length_penalty: float = _f(1.0, "Beam score = sum log-prob / length**length_penalty.")
+    qa_samples: int = _f(32, "QA: held-out items whose questions are answered (every question of each).")
+    qa_max_tokens: int = _f(8, "QA: most generated answer tokens (EOS included).")
+    use_cache: bool = _f(True, "Decode with the KV cache (False: recompute the whole sequence each step).")
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.tasks if t not in EVAL_TASKS]
+        if bad:
+            raise ValueError(f"eval.tasks has unknown {bad}; known: {list(EVAL_TASKS)}")
+        sizes = {
+            "max_samples": self.max_samples,
+            "batch_size": self.batch_size,
+            "caption_samples": self.caption_samples,
+            "num_beams": self.num_beams,
+            "qa_samples": self.qa_samples,
+            "qa_max_tokens": self.qa_max_tokens,
+        }
+        if self.caption_max_tokens is not None:
+            sizes["caption_max_tokens"] = self.caption_max_tokens
+        small = {k: v for k, v in sizes.items() if v < 1}
+        if small or self.rerank_k < 0:
+            raise ValueError(
+                f"eval sizes must be >= 1 (rerank_k >= 0): got {small or {'rerank_k': self.rerank_k}}"
+            )
 
 
 @dataclass

@@ -5,7 +5,8 @@ Nothing is downloaded. Each omni sample is a coloured shape moving across a plai
     image   the middle frame (JPEG)              video  T frames of the motion (MP4, + frame{i}.jpg)
     depth   16-bit PNG in millimetres: the shape is a dome in front of or behind a flat wall
     normal  PNG normals derived from that depth  audio  FLAC, 16 kHz mono tone or beeps
-    json    {"captions": {"vision", "audio", "subtitle", "depth"}, "category": <shape>, "source"}
+    json    {"captions": {"vision", "audio", "subtitle", "depth"}, "category": <shape>, "source",
+             "qa": [{"q", "a", "type"}, ...]}   (omni only; see qa_for)
 
 Every caption word is grounded in the media:
     vision   "a small red star moves left along the top"        (size, colour, shape, direction, lane)
@@ -58,7 +59,7 @@ from mico_ds.data.media import (
 )
 from mico_ds.data.shards import shard_pattern, write_json_atomic, write_sizes, write_tar
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: omni json members carry "qa" (media and captions unchanged from 1)
 INDEX_FILE = "demo.json"
 LOCK_FILE = ".demo.lock"
 
@@ -166,6 +167,32 @@ def captions_for(a: dict[str, Any]) -> dict[str, str]:
     where = "close to" if a["depth_order"] == "near" else "far from"
     depth = f"the {a['shape']} is {where} the camera"
     return {"vision": vision, "audio": audio, "subtitle": subtitle, "depth": depth}
+
+
+QA_TYPES: tuple[str, ...] = ("colour", "shape", "direction", "size", "count", "pitch", "loudness", "depth")
+
+
+def qa_for(a: dict[str, Any]) -> list[dict[str, str]]:
+    """Question/answer pairs about what a sample shows and sounds like, one per QA_TYPES entry that
+    applies (no count question for a steady tone). A pure function of the attributes: generating QA
+    draws nothing from the sample's random stream, so media and captions are those of format 1.
+    Every answer is one caption word, so exact match is well defined."""
+    shape, colour = a["shape"], a["colour"]
+    qa = [
+        ("colour", f"what colour is the {shape}?", colour),
+        ("shape", f"which {colour} shape moves {a['direction']}?", shape),
+        ("direction", f"which way does the {colour} {shape} move?", a["direction"]),
+        ("size", f"is the {shape} small or large?", a["size"]),
+    ]
+    if a["rhythm"] > 0:
+        qa.append(("count", "how many beeps can you hear?", NUMBER_WORDS[a["rhythm"]]))
+    qa += [
+        ("pitch", "is the sound low, mid or high?", a["pitch"]),
+        ("loudness", "is the sound loud or quiet?", a["loudness"]),
+        ("depth", f"is the {shape} close to or far from the camera?",
+         "close" if a["depth_order"] == "near" else "far"),
+    ]  # fmt: skip
+    return [{"q": q, "a": ans, "type": t} for t, q, ans in qa]
 
 
 def joined_caption(captions: dict[str, str]) -> str:
@@ -388,6 +415,8 @@ def build_sample(params: DemoParams, corpus: str, split: str, index: int, code: 
             "category": a["pitch"] if corpus == "audio_text" else a["shape"],
             "source": f"demo-{corpus.replace('_', '-')}",
         }
+        if corpus == "omni":
+            meta["qa"] = qa_for(a)
         members[schema.JSON_EXT] = json.dumps(meta, sort_keys=True).encode()
     return members
 

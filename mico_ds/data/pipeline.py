@@ -423,7 +423,49 @@ def collate(samples: list[dict], modalities: Sequence[str], inputs: InputConfig)
     batch[schema.CAPTIONS] = [join_captions(s["fields"]) for s in samples]
     batch[schema.SAMPLE_SOURCE] = torch.zeros((len(samples), len(modalities)), dtype=torch.int64)
     batch["_fields"] = [s["fields"] for s in samples]
+    for key in (schema.EVAL_TEXTS, schema.QA):
+        if all(key in s for s in samples):
+            batch[key] = [s[key] for s in samples]
     return batch
+
+
+def eval_extras(item: dict, fields: dict[str, str]) -> dict:
+    """Evaluation-only fields of a raw sample (schema: ``eval_texts``, ``qa``).
+
+    ``eval_texts``: one concatenated caption per caption alternative -- text j takes the j-th entry of
+    every caption field that holds a list (cycling through shorter lists) and the single caption of the
+    others; text 0 is the batch's ``captions`` entry. Duplicates are dropped.
+    ``qa``: the json's ``"qa"`` list of ``{"q": str, "a": str, ...}``; malformed entries are ignored.
+    """
+    meta: dict = {}
+    raw = item.get(schema.JSON_EXT)
+    if raw is not None:
+        try:
+            meta = json.loads(raw)
+        except ValueError:
+            meta = {}  # the decoder already accepted or skipped this sample: nothing more to read
+    caps = meta.get("captions") if isinstance(meta, dict) else None
+    alts: dict[str, list[str]] = {}
+    if isinstance(caps, dict):
+        for f in schema.CAPTION_FIELDS:
+            v = caps.get(f)
+            if isinstance(v, list):
+                v = [x.strip() for x in v if isinstance(x, str) and x.strip()]
+                if v:
+                    alts[f] = v
+    n = max((len(v) for v in alts.values()), default=1)
+    texts: list[str] = []
+    for j in range(n):
+        t = join_captions({**fields, **{f: v[j % len(v)] for f, v in alts.items()}})
+        if t not in texts:
+            texts.append(t)
+    qa = meta.get("qa") if isinstance(meta, dict) else None
+    pairs = [
+        dict(p)
+        for p in (qa if isinstance(qa, list) else [])
+        if isinstance(p, dict) and isinstance(p.get("q"), str) and isinstance(p.get("a"), str)
+    ]
+    return {schema.EVAL_TEXTS: texts, schema.QA: pairs}
 
 
 class ShardStream(IterableDataset):
@@ -472,7 +514,10 @@ class ShardStream(IterableDataset):
                     else None
                 )
                 try:
-                    buf.append(decoder(item, rng))
+                    sample = decoder(item, rng)
+                    if not sp.train:  # evaluation-only fields; training batches stay as they are
+                        sample.update(eval_extras(item, sample["fields"]))
+                    buf.append(sample)
                 except SkipSample as sk:
                     reason = sk.reason
             if reason is not None:

@@ -17,6 +17,10 @@ Batch legend (what ``MiCoModel.forward`` receives; B = batch, T = frames, N = au
     keys           list[str]     sample keys
     captions       list[str]     the concatenated raw caption (evaluation, CIDEr)
     corpus         str           name of the corpus the batch came from
+  evaluation batches only (EvalLoader; training batches never carry them):
+    eval_texts     list[list[str]]  every text of each item: one concatenated caption per caption
+                                 alternative (COCO-style lists in the json), the first = captions[i]
+    qa             list[list[dict]]  question/answer pairs {"q", "a", ...} of each item (json "qa")
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ SAMPLE_SOURCE = "sample_source"
 KEYS = "keys"
 CAPTIONS = "captions"
 CORPUS = "corpus"
+EVAL_TEXTS = "eval_texts"
+QA = "qa"
 
 # Size index written next to shards by tools/make_shards.py: {"shard-000000.tar": n_samples, ...}
 SIZES_FILE = "sizes.json"

@@ -1,7 +1,22 @@
-"""Zero-shot retrieval between knowledge contexts and texts from the contrastive features.
+"""Zero-shot retrieval between knowledge contexts and texts, with matching-head reranking.
 
-``retrieval_metrics`` is a pure function of the two feature matrices; ``evaluate_retrieval`` runs a
-model over an evaluation loader on every rank, gathers the features, and reports R@1/5/10 both ways.
+Protocol (MiCo appendix B.3): every candidate is ranked by the contrastive similarity (Eq. 4), then
+the top-k (paper: 50) candidates of each query are reranked by the matching head (Eq. 5). The
+reranked order is the matching logit alone inside the top-k, the top-k above every other candidate,
+which keep their contrastive order ("the Top-50 candidates undergo a reranking process through the
+Omni-modal Matching Process").
+
+Items may carry several texts (COCO-style: 5 captions per image): text->knowledge (t2k) has one
+positive item per text; knowledge->text (k2t) counts a hit at rank r when ANY of the item's texts is
+within the top r. Ranks count ties pessimistically (a negative scoring equal to the best positive is
+placed before it). Items carry every modality of their batch: the context fuses them all.
+
+Distributed (:func:`evaluate_retrieval`): each rank encodes its items and their texts; features, the
+text-to-item map and the (cheap) text token ids are gathered, every rank computes the same contrastive
+ranking; then each rank scores with the matching head the top-k pairs whose ITEM it holds (its items'
+context prefixes never leave it), the scores are gathered and every rank builds the same reranking.
+Every rank runs the same number of forward passes of each module (ZeRO-3 gathers parameters
+collectively): chunks are padded with dummy work.
 """
 
 from __future__ import annotations
@@ -10,57 +25,251 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from mico_ds import distributed as mdist
+from mico_ds.data import schema
+
+KS = (1, 5, 10)
 
 
-def _ranks_of_positive(sim: torch.Tensor) -> torch.Tensor:
-    """0-based rank of the diagonal entry in each row of ``sim`` (N, N), ties counted pessimistically."""
-    pos = sim.diagonal().unsqueeze(1)
-    return (sim > pos).sum(dim=1) + ((sim == pos).sum(dim=1) - 1)
+# ----------------------------------------------------------------------------- pure metrics
+
+
+def positive_ranks(sim: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """0-based rank of the best-scoring positive of each query (row), ties counted pessimistically.
+
+    Args:
+        sim: (Q, C) scores of every query against every candidate.
+        positive: (Q, C) bool, True where the candidate is a positive of the query (>= 1 per row).
+
+    Returns:
+        (Q,) int64: the number of negatives scoring >= the query's best positive.
+    """
+    if sim.shape != positive.shape:
+        raise ValueError(f"sim {tuple(sim.shape)} and positive {tuple(positive.shape)} differ")
+    if not positive.any(dim=1).all():
+        raise ValueError("every query needs at least one positive candidate")
+    best = sim.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
+    return ((sim >= best) & ~positive).sum(dim=1)
+
+
+def recall_at(
+    ranks: torch.Tensor, name: str, suffix: str = "", prefix: str = "retrieval/"
+) -> dict[str, float]:
+    """R@1/5/10 (percent) and median rank (1-based) of 0-based ``ranks``."""
+    out = {f"{prefix}{name}_r{k}{suffix}": (ranks < k).double().mean().item() * 100 for k in KS}
+    out[f"{prefix}{name}_medr{suffix}"] = ranks.double().median().item() + 1
+    return out
+
+
+def rerank_scores(sim: torch.Tensor, topk: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
+    """Scores whose order is: the top-k candidates by matching logit, then the rest by ``sim``.
+
+    Args:
+        sim: (Q, C) contrastive similarities.
+        topk: (Q, k) candidate indices of each query's top-k.
+        match: (Q, k) matching logits of those pairs.
+    """
+    sim = sim.double()
+    match = match.double()
+    # An offset that puts every reranked candidate above every other one, whatever the logits.
+    offset = sim.max() - match.min() + 1.0
+    return sim.scatter(1, topk, match + offset)
 
 
 def retrieval_metrics(
-    k_feats: torch.Tensor, t_feats: torch.Tensor, prefix: str = "retrieval/"
+    k_feats: torch.Tensor,
+    t_feats: torch.Tensor,
+    item_of_text: torch.Tensor | None = None,
+    prefix: str = "retrieval/",
 ) -> dict[str, float]:
-    """R@1/5/10 and median rank for text->knowledge (t2k) and knowledge->text (k2t).
+    """Contrastive R@1/5/10 and median rank for t2k and k2t.
 
-    Row i of ``k_feats`` (N, E) and of ``t_feats`` (N, E) are a matching pair; features are L2-normalized.
-    Chance R@1 is 1/N.
+    Args:
+        k_feats: (Nk, E) L2-normalized knowledge features.
+        t_feats: (Nt, E) L2-normalized text features.
+        item_of_text: (Nt,) the item each text describes (default: text i describes item i).
     """
-    if k_feats.shape != t_feats.shape:
-        raise ValueError(
-            f"feature shapes differ: knowledge {tuple(k_feats.shape)} vs text {tuple(t_feats.shape)}"
-        )
-    sim = k_feats.float() @ t_feats.float().T  # (N knowledge, N text)
-    out: dict[str, float] = {f"{prefix}n": float(sim.shape[0])}
-    for name, s in (("t2k", sim.T), ("k2t", sim)):
-        r = _ranks_of_positive(s)
-        for k in (1, 5, 10):
-            out[f"{prefix}{name}_r{k}"] = (r < k).float().mean().item() * 100
-        out[f"{prefix}{name}_medr"] = r.float().median().item() + 1
+    if item_of_text is None:
+        if k_feats.shape != t_feats.shape:
+            raise ValueError(
+                f"feature shapes differ: knowledge {tuple(k_feats.shape)} vs text {tuple(t_feats.shape)}"
+            )
+        item_of_text = torch.arange(k_feats.shape[0], device=k_feats.device)
+    sim = k_feats.float() @ t_feats.float().T  # (Nk, Nt)
+    pos = positive_matrix(item_of_text, k_feats.shape[0])  # (Nt, Nk)
+    out: dict[str, float] = {f"{prefix}n": float(sim.shape[0]), f"{prefix}n_texts": float(sim.shape[1])}
+    out |= recall_at(positive_ranks(sim.T, pos), "t2k", prefix=prefix)
+    out |= recall_at(positive_ranks(sim, pos.T), "k2t", prefix=prefix)
     return out
+
+
+def positive_matrix(item_of_text: torch.Tensor, num_items: int) -> torch.Tensor:
+    """(Nt, Nk) bool: text t is a positive of item item_of_text[t]."""
+    return item_of_text.view(-1, 1) == torch.arange(num_items, device=item_of_text.device).view(1, -1)
+
+
+# ----------------------------------------------------------------------------- model side
+
+
+def encode_items(model: Any, batch: dict[str, Any], with_prefix: bool) -> tuple[torch.Tensor, Any]:
+    """One encoder pass -> (v_z (B, E) normalized, LLM prefix (B, P, H) or None).
+
+    ``MiCoModel.embed_knowledge`` and ``context_prefix`` each run the encoder; reranking needs both,
+    so this shares one ``encode_context`` (the same computation as those two methods)."""
+    z, fused = model.encode_context(batch)
+    v = F.normalize(model.proj_z(z).float(), dim=-1)
+    if not with_prefix:
+        return v, None
+    return v, model.prefix_proj(model._select_prefix(fused))
+
+
+def item_texts(batch: dict[str, Any]) -> list[list[str]]:
+    """Every text of each item of a batch (``eval_texts``, else the single ``captions`` entry)."""
+    texts = batch.get(schema.EVAL_TEXTS)
+    return [list(t) for t in texts] if texts is not None else [[c] for c in batch[schema.CAPTIONS]]
+
+
+def _chunks(n: int, size: int) -> int:
+    return -(-n // size)
+
+
+def _pad_cols(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    if x.shape[1] >= width:
+        return x
+    return F.pad(x, (0, width - x.shape[1]), value=value)
 
 
 @torch.no_grad()
 def evaluate_retrieval(
-    model: Any, batches: Iterable[dict[str, Any]], num_batches: int, max_samples: int
+    model: Any,
+    batches: Iterable[dict[str, Any]],
+    tokenizer: Any,
+    max_items: int | None = None,
+    rerank_k: int = 50,
+    batch_size: int = 32,
+    text_max_len: int = 64,
+    progress: bool = False,
+    prefix: str = "retrieval/",
 ) -> dict[str, float]:
-    """Embed ``num_batches`` batches on every rank (the same count everywhere: ZeRO-3 gathers
-    parameters collectively) and compute retrieval over the gathered features.
+    """Retrieval over the valid items of ``batches`` on every rank (see the module docstring).
 
-    ``model`` exposes embed_knowledge(batch) and embed_text(ids, mask); batches carry ``valid`` (B,) bool
-    when a rank pads its share with repeated samples.
+    Args:
+        model: exposes encode_context / proj_z / prefix_proj / embed_text / matching_scores (MiCoModel).
+        batches: this rank's evaluation batches, the same count on every rank, with ``valid`` (B,) bool
+            marking padding items.
+        tokenizer: encodes the items' texts (``encode(texts, max_len)``, ``special``).
+        max_items: evaluate at most this many items in all (the first ones in rank order).
+        rerank_k: candidates reranked by the matching head per query (0: contrastive only).
+        batch_size: texts per text-encoder pass and pairs per matching pass.
+        text_max_len: token budget of a text (as in training: ``data.text_max_len``).
+
+    Returns:
+        ``retrieval/{t2k,k2t}_{r1,r5,r10,medr}`` (contrastive) and, with reranking, the same keys with
+        ``_rerank``; ``retrieval/n`` items, ``retrieval/n_texts``, ``retrieval/rerank_k``.
     """
-    ks, ts, valid = [], [], []
-    it = iter(batches)
-    for _ in range(num_batches):
-        batch = next(it)
-        ks.append(model.embed_knowledge(batch).float())
-        ts.append(model.embed_text(batch["text_ids"], batch["text_mask"]).float())
-        valid.append(batch["valid"].to(ks[-1].device))
-    k = mdist.all_gather_variable(torch.cat(ks))
-    t = mdist.all_gather_variable(torch.cat(ts))
-    v = mdist.all_gather_variable(torch.cat(valid).to(torch.uint8)).bool()
-    k, t = k[v][:max_samples], t[v][:max_samples]
-    return retrieval_metrics(k, t)
+    from tqdm import tqdm
+
+    rank = mdist.get_rank()
+    with_prefix = rerank_k > 0
+    feats, prefixes, texts = [], [], []
+    dummy_prefix = None
+    device = None
+    for batch in tqdm(list(batches), desc="retrieval: items", disable=not progress, leave=False):
+        v, pre = encode_items(model, batch, with_prefix)
+        device = v.device
+        valid = batch["valid"].to(v.device) if "valid" in batch else torch.ones(len(v), dtype=torch.bool)
+        feats.append(v[valid])
+        if with_prefix:
+            dummy_prefix = pre[:1] if dummy_prefix is None else dummy_prefix
+            prefixes.append(pre[valid])
+        texts += [t for t, ok in zip(item_texts(batch), valid.tolist()) if ok]
+    if device is None:
+        raise ValueError(f"rank {rank} got no evaluation batch")
+    k_loc = torch.cat(feats)
+    # Keep the first max_items items in rank order: this rank's items start at offsets[rank].
+    counts = [int(c) for c in mdist.all_gather_object(len(k_loc))]
+    offsets = [sum(counts[:r]) for r in range(len(counts))]
+    keep = len(k_loc) if max_items is None else max(0, min(len(k_loc), max_items - offsets[rank]))
+    k_loc, texts = k_loc[:keep], texts[:keep]
+    first_item = offsets[rank]
+    pre_loc = torch.cat(prefixes)[:keep] if with_prefix else None
+
+    # Texts of this rank's items: tokenize, encode in chunks (same chunk count on every rank).
+    flat = [t for ts in texts for t in ts]
+    owner_item = [first_item + i for i, ts in enumerate(texts) for _ in ts]
+    special = tokenizer.special
+    if flat:
+        ids, mask = tokenizer.encode(flat, text_max_len)
+    else:
+        ids = torch.tensor([[special.bos_id, special.eos_id]])
+        mask = torch.ones_like(ids)
+    ids, mask = ids.to(device), mask.to(device)
+    n_chunks = int(mdist.dist_max(torch.tensor([_chunks(len(flat), batch_size)], device=device)).item())
+    t_parts = []
+    for c in tqdm(range(n_chunks), desc="retrieval: texts", disable=not progress, leave=False):
+        sl = slice(c * batch_size, (c + 1) * batch_size)
+        if sl.start >= len(flat):
+            model.embed_text(ids[:1], mask[:1])  # dummy pass: other ranks have more texts
+            continue
+        t_parts.append(model.embed_text(ids[sl], mask[sl]))
+    t_loc = torch.cat(t_parts) if t_parts else k_loc.new_zeros((0, k_loc.shape[1]))
+
+    k_all = mdist.all_gather_variable(k_loc)
+    t_all = mdist.all_gather_variable(t_loc)
+    item_of_text = mdist.all_gather_variable(torch.tensor(owner_item, dtype=torch.long, device=device))
+    if k_all.shape[0] == 0 or t_all.shape[0] == 0:
+        raise ValueError("no valid evaluation item on any rank")
+    out = retrieval_metrics(k_all, t_all, item_of_text, prefix=prefix)
+    if not with_prefix:
+        return out
+
+    # ---- rerank the top-k of every query with the matching head
+    nk, nt = k_all.shape[0], t_all.shape[0]
+    sim = k_all.float() @ t_all.float().T  # (Nk, Nt)
+    width = int(mdist.dist_max(torch.tensor([ids.shape[1]], device=device)).item())
+    if not flat:
+        ids, mask = ids[:0], mask[:0]
+    ids_all = mdist.all_gather_variable(_pad_cols(ids, width, special.pad_id))
+    mask_all = mdist.all_gather_variable(_pad_cols(mask, width, 0))
+    k_t2k, k_k2t = min(rerank_k, nk), min(rerank_k, nt)
+    top_t2k = sim.T.topk(k_t2k, dim=1).indices  # (Nt, k) items for each text
+    top_k2t = sim.topk(k_k2t, dim=1).indices  # (Nk, k) texts for each item
+    mine = slice(first_item, first_item + keep)
+    # Pairs (item, text) this rank scores: t2k pairs whose candidate item it holds, k2t pairs of its
+    # own query items. Row layout: (local item, global text, kind 0/1, query, slot).
+    q_t2k, s_t2k = ((top_t2k >= mine.start) & (top_t2k < mine.stop)).nonzero(as_tuple=True)
+    items_t2k = top_t2k[q_t2k, s_t2k] - first_item
+    q_k2t = torch.arange(mine.start, mine.stop, device=device).repeat_interleave(k_k2t)
+    s_k2t = torch.arange(k_k2t, device=device).repeat(keep)
+    texts_k2t = top_k2t[q_k2t, s_k2t] if keep else q_k2t
+    pair_item = torch.cat([items_t2k, q_k2t - first_item])
+    pair_text = torch.cat([q_t2k, texts_k2t])
+    n_pairs = len(pair_item)
+    n_chunks = int(mdist.dist_max(torch.tensor([_chunks(n_pairs, batch_size)], device=device)).item())
+    scores = []
+    for c in tqdm(range(n_chunks), desc="retrieval: rerank", disable=not progress, leave=False):
+        sl = slice(c * batch_size, (c + 1) * batch_size)
+        if sl.start >= n_pairs:
+            model.matching_scores(dummy_prefix, ids_all[:1], mask_all[:1])  # dummy pass
+            continue
+        ti = pair_text[sl]
+        scores.append(model.matching_scores(pre_loc[pair_item[sl]], ids_all[ti], mask_all[ti]).float())
+    local = torch.cat(scores) if scores else sim.new_zeros(0)
+    kind = torch.cat([torch.zeros_like(q_t2k), torch.ones_like(q_k2t)])
+    query = torch.cat([q_t2k, q_k2t])
+    slot = torch.cat([s_t2k, s_k2t])
+    rows = mdist.all_gather_variable(torch.stack([kind, query, slot], dim=1))
+    vals = mdist.all_gather_variable(local)
+    m_t2k = torch.full((nt, k_t2k), float("nan"), device=device)
+    m_k2t = torch.full((nk, k_k2t), float("nan"), device=device)
+    sel = rows[:, 0] == 0
+    m_t2k[rows[sel, 1], rows[sel, 2]] = vals[sel]
+    m_k2t[rows[~sel, 1], rows[~sel, 2]] = vals[~sel]
+    assert not m_t2k.isnan().any() and not m_k2t.isnan().any(), "a reranked pair was scored by no rank"
+    pos = positive_matrix(item_of_text, nk)
+    out |= recall_at(positive_ranks(rerank_scores(sim.T, top_t2k, m_t2k), pos), "t2k", "_rerank", prefix)
+    out |= recall_at(positive_ranks(rerank_scores(sim, top_k2t, m_k2t), pos.T), "k2t", "_rerank", prefix)
+    out[f"{prefix}rerank_k"] = float(rerank_k)
+    return out

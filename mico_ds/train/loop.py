@@ -199,17 +199,16 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ eval / save / load
-    def evaluate(self) -> dict[str, float]:
-        if "retrieval" not in self.cfg.eval.tasks or not self.cfg.data.val_shards:
+    def evaluate(self) -> dict[str, Any]:
+        """Run ``eval.tasks`` on the held-out shards (every rank) and log the figures at this step."""
+        if not self.cfg.eval.tasks or not self.cfg.data.val_shards:
             return {}
-        from mico_ds.eval.retrieval import evaluate_retrieval
+        from mico_ds.eval.runner import run_evaluation, scalars
 
-        self.engine.eval()
-        batches, num = tdata.eval_batches(self.cfg, self.tokenizer, self.device, self.bf16)
         t0 = time.perf_counter()
-        res = evaluate_retrieval(self.engine.module, batches, num, self.cfg.eval.max_samples)
+        res = run_evaluation(self.engine.module, self.cfg, self.tokenizer, self.device, self.bf16)
         self.engine.train()
-        rec = {"step": self.step, **res, "retrieval/seconds": time.perf_counter() - t0}
+        rec = {"step": self.step, **scalars(res), "eval/seconds": time.perf_counter() - t0}
         self.writer.write(rec)
         self.history.append(rec)
         return res
@@ -323,12 +322,10 @@ def format_summary(s: dict[str, Any]) -> str:
     lines.append(f"samples/s: {s['samples_per_s']:.1f}")
     ev = s["eval"]
     if ev:
-        n = int(ev.get("retrieval/n", 0))
-        lines.append(
-            f"retrieval on {n} held-out samples (chance R@1 {100 / max(n, 1):.2f}%): "
-            f"text->knowledge R@1 {ev['retrieval/t2k_r1']:.2f}%  R@5 {ev['retrieval/t2k_r5']:.2f}%  | "
-            f"knowledge->text R@1 {ev['retrieval/k2t_r1']:.2f}%  R@5 {ev['retrieval/k2t_r5']:.2f}%"
-        )
+        from mico_ds.eval.runner import format_results
+
+        lines.append("held-out evaluation (MiCo appendix B.3 protocol):")
+        lines.append(format_results(ev))
     lines.append(f"checkpoint: {s['checkpoint']}")
     lines.append(f"run dir: {s['run_dir']}  (metrics.jsonl, summary.json, tb/)")
     return "\n".join(lines)

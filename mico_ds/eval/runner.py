@@ -1,0 +1,202 @@
+"""Run the evaluation tasks on a model over ``data.val_shards``: shared by the trainer and the CLI.
+
+One eval-mode pass reads each rank's share of the held-out items; every task takes the first items
+of that share it needs (``eval.max_samples`` / ``caption_samples`` / ``qa_samples`` in all, split
+over the ranks). Batch lists are padded to the same length on every rank (ZeRO-3: every rank runs
+the same forward passes), padding items marked ``valid = False``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from mico_ds import distributed as mdist
+from mico_ds.config import EVAL_TASKS, RunConfig
+from mico_ds.data import schema
+
+log = logging.getLogger("mico_ds")
+
+
+def to_device(batch: dict[str, Any], device: torch.device | str, bf16: bool) -> dict[str, Any]:
+    """Tensors to ``device`` (floating ones to bf16 when asked); lists and strings as they are."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if bf16 and v.is_floating_point():
+                v = v.to(torch.bfloat16)
+        out[k] = v
+    return out
+
+
+def per_rank(n: int) -> int:
+    return -(-n // mdist.get_world_size())
+
+
+def load_batches(
+    cfg: RunConfig,
+    device: torch.device | str,
+    bf16: bool,
+    items_per_rank: int,
+    modalities: Sequence[str] | None = None,
+    shards: str | None = None,
+) -> list[dict[str, Any]]:
+    """This rank's first ``items_per_rank`` held-out items, as batches with ``valid`` (all True)."""
+    from mico_ds.data.pipeline import EvalLoader
+
+    shards = shards or cfg.data.val_shards
+    if not shards:
+        raise ValueError("data.val_shards is not set: no held-out shards to evaluate on")
+    loader = EvalLoader(
+        shards,
+        list(modalities or cfg.data.val_modalities),
+        cfg.inputs,
+        cfg.data,
+        batch_size=cfg.eval.batch_size,
+        max_samples=items_per_rank,
+    )
+    out = []
+    for b in loader:
+        b["valid"] = torch.ones(len(b[schema.KEYS]), dtype=torch.bool)
+        out.append(to_device(b, device, bf16))
+    return out
+
+
+def take(batches: Sequence[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The batches holding this rank's first ``n`` valid items (later items marked invalid), padded
+    to the same count on every rank by repeating the last batch with ``valid`` all False."""
+    out, left = [], n
+    for b in batches:
+        if left <= 0:
+            break
+        valid = b["valid"].clone()
+        idx = valid.nonzero().flatten()
+        valid[idx[left:]] = False
+        left -= int(valid.sum())
+        out.append({**b, "valid": valid})
+    if not batches:
+        raise ValueError(f"rank {mdist.get_rank()} got no held-out items: fewer held-out samples than ranks?")
+    if not out:
+        out = [{**batches[0], "valid": torch.zeros_like(batches[0]["valid"])}]
+    dev = out[0]["valid"].device
+    count = int(mdist.dist_max(torch.tensor([len(out)], device=dev)).item())
+    while len(out) < count:
+        out.append({**out[-1], "valid": torch.zeros_like(out[-1]["valid"])})
+    return out
+
+
+def scalars(results: dict[str, Any]) -> dict[str, float]:
+    """The numeric entries of a result dict (what goes into metrics.jsonl)."""
+    return {
+        k: float(v) for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+@torch.no_grad()
+def run_evaluation(
+    model: Any,
+    cfg: RunConfig,
+    tokenizer: Any,
+    device: torch.device | str,
+    bf16: bool = False,
+    tasks: Sequence[str] | None = None,
+    progress: bool = False,
+    modalities: Sequence[str] | None = None,
+    shards: str | None = None,
+) -> dict[str, Any]:
+    """Run ``tasks`` (default ``cfg.eval.tasks``) and return every figure, keyed ``<task>/<name>``.
+
+    ``model`` is the MiCoModel (under ZeRO-3: the engine's module, on every rank). Non-scalar entries
+    (``captioning/examples``, ``qa/examples``) hold a few generated outputs.
+    """
+    from mico_ds.eval.captioning import DecodeOptions, evaluate_captioning
+    from mico_ds.eval.qa import evaluate_qa
+    from mico_ds.eval.retrieval import evaluate_retrieval
+
+    e = cfg.eval
+    tasks = list(e.tasks if tasks is None else tasks)
+    bad = [t for t in tasks if t not in EVAL_TASKS]
+    if bad:
+        raise ValueError(f"unknown evaluation tasks {bad}; known: {list(EVAL_TASKS)}")
+    if not tasks:
+        return {}
+    sizes = {"retrieval": e.max_samples, "captioning": e.caption_samples, "qa": e.qa_samples}
+    t0 = time.perf_counter()
+    batches = load_batches(cfg, device, bf16, per_rank(max(sizes[t] for t in tasks)), modalities, shards)
+    out: dict[str, Any] = {"eval/load_seconds": time.perf_counter() - t0}
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        for task in tasks:
+            t0 = time.perf_counter()
+            part = take(batches, per_rank(sizes[task]))
+            if task == "retrieval":
+                res = evaluate_retrieval(
+                    model, part, tokenizer, max_items=e.max_samples, rerank_k=e.rerank_k,
+                    batch_size=e.batch_size, text_max_len=cfg.data.text_max_len, progress=progress,
+                )  # fmt: skip
+            elif task == "captioning":
+                opts = DecodeOptions(
+                    num_beams=e.num_beams,
+                    max_len=e.caption_max_tokens or max(1, cfg.data.text_max_len - 1),
+                    length_penalty=e.length_penalty,
+                    use_cache=e.use_cache,
+                )
+                res = evaluate_captioning(model, part, tokenizer, opts, progress=progress)
+            else:
+                opts = DecodeOptions(
+                    num_beams=e.num_beams,
+                    max_len=e.qa_max_tokens,
+                    length_penalty=e.length_penalty,
+                    use_cache=e.use_cache,
+                )
+                res = evaluate_qa(model, part, tokenizer, opts, batch_size=e.batch_size, progress=progress)
+                if not res and mdist.is_main_process():
+                    log.warning("qa: no held-out item carries questions (json 'qa'); task skipped")
+            out.update(res)
+            if res:
+                out[f"{task}/seconds"] = time.perf_counter() - t0
+    finally:
+        model.train(was_training)
+    return out
+
+
+def format_results(res: dict[str, Any]) -> str:
+    """A readable table of evaluation results (what the CLI and the run summary print)."""
+    lines = []
+    if "retrieval/t2k_r1" in res:
+        n, nt = int(res.get("retrieval/n", 0)), int(res.get("retrieval/n_texts", 0))
+        lines.append(f"retrieval: {n} items, {nt} texts (chance R@1 about {100 / max(n, 1):.2f}%)")
+        lines.append(f"  {'':<31}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'MedR':>8}")
+        for d, name in (("t2k", "text->knowledge"), ("k2t", "knowledge->text")):
+            for suffix, how in (
+                ("", "contrastive"),
+                ("_rerank", f"rerank top-{int(res.get('retrieval/rerank_k', 0))}"),
+            ):
+                if f"retrieval/{d}_r1{suffix}" not in res:
+                    continue
+                vals = [res[f"retrieval/{d}_r{k}{suffix}"] for k in (1, 5, 10)]
+                medr = res[f"retrieval/{d}_medr{suffix}"]
+                lines.append(
+                    f"  {name + ' ' + how:<31}" + "".join(f"{v:>8.2f}" for v in vals) + f"{medr:>8.1f}"
+                )
+    if "captioning/cider" in res:
+        lines.append(
+            f"captioning: {int(res['captioning/n'])} items  CIDEr-D {res['captioning/cider']:.3f}  "
+            f"BLEU-4 {res['captioning/bleu4']:.3f}  ({res['captioning/mean_words']:.1f} words/caption)"
+        )
+        for ex in res.get("captioning/examples", [])[:2]:
+            lines.append(f"  generated: {ex['generated']!r}\n  reference: {ex['reference']!r}")
+    if "qa/accuracy" in res:
+        per = "  ".join(
+            f"{k.split('accuracy_', 1)[1]} {v:.1f}" for k, v in res.items() if k.startswith("qa/accuracy_")
+        )
+        lines.append(f"qa: {int(res['qa/n'])} questions  exact match {res['qa/accuracy']:.2f}%  ({per})")
+        for ex in res.get("qa/examples", [])[:2]:
+            lines.append(f"  Q: {ex['q']}  A: {ex['a']!r}  predicted: {ex['predicted']!r}")
+    return "\n".join(lines)
