@@ -1,21 +1,12 @@
-"""Kernel tests run the Triton kernels in Triton's CPU interpreter when there is no GPU.
-
-Triton 3.x reads TRITON_INTERPRET when ``@triton.jit`` decorates a kernel, i.e. when
-``mico_ds.kernels._triton_*`` is first imported (lazily, by the first fused call), so it is set here,
-at collection time, before any test can trigger that import. Spawned ranks inherit it.
-"""
+"""Kernel tests run the Triton kernels in Triton's CPU interpreter when there is no GPU
+(TRITON_INTERPRET=1 is set by tests/conftest.py before anything imports Triton)."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
 from tests.unit.kernels._helpers import fresh_seed
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
