@@ -1,7 +1,8 @@
 """Masked causal caption generation (MiCo Eq. 6), VAST's convention.
 
 A fraction ``mask_ratio`` (paper: 60%) of each caption's eligible tokens (real tokens that are not
-BOS/EOS/pad) is replaced by ``<mask>`` in the input. The decoder reads the context prefix and the
+BOS/pad; EOS is eligible, so the decoder learns where a caption ends and captioning can stop) is
+replaced by ``<mask>`` in the input. The decoder reads the context prefix and the
 masked caption with causal attention, and at every masked position the LM head predicts the ORIGINAL
 token of that position (BERT-style reconstruction from the prefix and the tokens before it).
 
@@ -30,7 +31,7 @@ def mask_caption_tokens(
     Args:
         text_ids, text_mask: (B, L).
         mask_ratio: fraction in (0, 1].
-        special: ids of BOS/EOS/pad (never masked) and of <mask>.
+        special: ids of BOS and pad (never masked), of EOS (maskable: a target like any word) and of <mask>.
         generator: torch.Generator on ``text_ids.device``.
 
     Returns:
@@ -39,7 +40,7 @@ def mask_caption_tokens(
     if not 0.0 < mask_ratio <= 1.0:
         raise ValueError(f"objectives.mask_ratio must be in (0, 1], got {mask_ratio}")
     eligible = text_mask.bool()
-    for tid in (special.bos_id, special.eos_id, special.pad_id):
+    for tid in (special.bos_id, special.pad_id):
         eligible &= text_ids != tid
     k = torch.floor(eligible.sum(dim=1).double() * mask_ratio + 0.5).long()  # (B,)
     noise = torch.rand(text_ids.shape, generator=generator, device=text_ids.device)

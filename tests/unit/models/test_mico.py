@@ -284,8 +284,8 @@ def _two_rank_model_worker(rank: int) -> dict[str, object]:
     losses["loss"].backward()
     grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     local_masked = float(
-        sum(int((batch["text_mask"][i].sum() - 2) * 0.6 + 0.5) for i in range(3))
-    )  # captions have BOS + EOS
+        sum(int((batch["text_mask"][i].sum() - 1) * 0.6 + 0.5) for i in range(3))
+    )  # every real token but BOS is eligible (EOS included)
     return {
         "losses": {k: v.detach() for k, v in losses.items()},
         "report": report,

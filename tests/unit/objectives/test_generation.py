@@ -33,33 +33,34 @@ def test_exact_count_of_eligible_tokens_masked(ratio: float) -> None:
     ids, mask = _captions(lengths, 12)
     out, masked = mask_caption_tokens(ids, mask, ratio, SPECIAL, torch.Generator().manual_seed(0))
     for r, n in enumerate(lengths):
-        eligible = n - 2  # all but BOS/EOS; padding never eligible
+        eligible = n - 1  # all but BOS (EOS is a target: the decoder must learn to stop); no padding
         assert int(masked[r].sum()) == math.floor(ratio * eligible + 0.5), (r, n)
     assert not masked[:, 0].any()  # BOS
-    assert not (masked & (ids == SPECIAL.eos_id)).any()
+    if ratio == 1.0:
+        assert (masked == (ids == SPECIAL.eos_id)).any(dim=1).all()  # every EOS masked at ratio 1
     assert not (masked & (mask == 0)).any()
     assert (out[masked] == SPECIAL.mask_id).all()
     assert torch.equal(out[~masked], ids[~masked])
 
 
 def test_masked_positions_are_uniform_and_seeded() -> None:
-    ids, mask = _captions([12], 12)  # 10 eligible tokens, 6 masked per draw
+    ids, mask = _captions([12], 12)  # 11 eligible tokens (EOS included), 7 masked per draw
     counts = torch.zeros(12)
     for seed in range(2000):
         _, masked = mask_caption_tokens(ids, mask, 0.6, SPECIAL, torch.Generator().manual_seed(seed))
         counts += masked[0].float()
-    freq = counts[1:11] / 2000
-    assert ((freq - 0.6).abs() < 0.05).all(), freq  # 0.05 ~ 4.5 standard errors
+    freq = counts[1:12] / 2000
+    assert ((freq - 7 / 11).abs() < 0.05).all(), freq  # 0.05 ~ 4.5 standard errors
     a = mask_caption_tokens(ids, mask, 0.6, SPECIAL, torch.Generator().manual_seed(1))[1]
     b = mask_caption_tokens(ids, mask, 0.6, SPECIAL, torch.Generator().manual_seed(1))[1]
     assert torch.equal(a, b)
 
 
-def test_special_tokens_inside_the_text_are_not_masked() -> None:
-    ids = torch.tensor([[1, 5, 2, 1, 6, 7, 2, 0]])  # two concatenated captions, each with BOS/EOS
+def test_bos_and_padding_are_never_masked_eos_is() -> None:
+    ids = torch.tensor([[1, 5, 2, 1, 6, 7, 2, 0]])  # BOS/EOS wherever they occur, then padding
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0]])
     _, masked = mask_caption_tokens(ids, mask, 1.0, SPECIAL, torch.Generator().manual_seed(0))
-    assert masked[0].tolist() == [False, True, False, False, True, True, False, False]
+    assert masked[0].tolist() == [False, True, True, False, True, True, True, False]
 
 
 def test_bad_ratio_raises() -> None:
