@@ -128,14 +128,11 @@ def load_run_config(path: Path, overrides: list[str]) -> RunConfig:
 
 
 def read_state_dict(path: Path) -> dict[str, Any]:
-    """A consolidated state dict: .safetensors, or a torch file (possibly under "module"/"state_dict")."""
-    import torch
+    """A consolidated state dict: what tools/zero_to_fp32.py writes (.safetensors / .bin, sharded or
+    not), or a torch file (possibly under "module"/"state_dict")."""
+    from mico_ds.export import load_state_dict
 
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = load_state_dict(path)
     for key in ("module", "state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -229,12 +226,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _consolidated(kind: str, path: Path, tag: str | None) -> dict[str, Any]:
-    """fp32 weights of the whole model: an exported file, or the ZeRO partitions merged by DeepSpeed."""
+    """fp32 weights of the whole model: an exported file, or a checkpoint of any ZeRO stage (or a
+    universal one) consolidated the way tools/zero_to_fp32.py does it."""
     if kind == "state_dict":
         return read_state_dict(path)
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from mico_ds.train.convert import fp32_state_dict
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
+    return {k: v.contiguous() for k, v in fp32_state_dict(path, tag).items()}
 
 
 if __name__ == "__main__":
