@@ -139,6 +139,9 @@ class OmniEncoder(nn.Module):
                 for i in range(vision.depth)
             )
             self.norm = LayerNorm(d)
+            # CLIP-style encoders normalize the embedded tokens before the blocks (ln_pre / timm's
+            # norm_pre); only built when configured, so other encoders keep their exact parameter set.
+            self.norm_pre = LayerNorm(d) if vision.pre_norm else None
         # Own parameters, initialized here (their owner's __init__) as timm does.
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], d))
@@ -185,6 +188,8 @@ class OmniEncoder(nn.Module):
                 pos, new_size=list(grid), old_size=list(self.grid), num_prefix_tokens=1
             )
         x_nPD = torch.cat([self.cls_token.expand(x_nPD.shape[0], -1, -1), x_nPD], dim=1) + pos
+        if self.norm_pre is not None:
+            x_nPD = self.norm_pre(x_nPD)
         for blk in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x_nPD = checkpoint(blk, x_nPD, use_reentrant=False)
@@ -241,6 +246,8 @@ def timm_plan(
       size when it differs (FlexiViT pseudo-inverse resize).
     * ``pos_embed`` is resampled (bicubic, timm) from the checkpoint's square grid to ours.
     * EVA-style attention biases (``q_bias``, ``v_bias``, no k bias) become ``qkv.bias`` = [q, 0, v].
+    * ``norm_pre`` (CLIP's ln_pre; timm's ``vit_*_clip_*`` checkpoints) needs ``model.vision.pre_norm``;
+      CLIP's bias-free patch embedding gives zero tokenizer biases.
     * An (EVA-)CLIP checkpoint's text tower is skipped (only ``visual.*`` is read); classifier heads
       are dropped; ``fc_norm`` stands in for a missing final ``norm`` (mean-pooling checkpoints).
 
@@ -257,6 +264,11 @@ def timm_plan(
         used.update(sources)
 
     has_norm = "norm.weight" in by_name
+    if "norm_pre.weight" in by_name and encoder.norm_pre is None:
+        raise ValueError(
+            f"{where}: the checkpoint normalizes tokens before the blocks (norm_pre, CLIP's ln_pre): "
+            f"set model.vision.pre_norm=true"
+        )
     for name in names.values():
         if name in used:
             continue
@@ -266,6 +278,9 @@ def timm_plan(
                 add(f"tokenizers.{tok}.proj.{leaf}", (name,))
             for tok in ("depth", "audio"):
                 add(f"tokenizers.{tok}.proj.{leaf}", (name,), "sum_in_chans" if leaf == "weight" else "copy")
+            if leaf == "weight" and "patch_embed.proj.bias" not in by_name:  # CLIP: no bias
+                for tok in ("rgb", "normal", "depth", "audio"):
+                    add(f"tokenizers.{tok}.proj.bias", (name,), "zero_bias")
         elif name == "pos_embed":
             add("pos_embed", (name,), "pos_embed", new_grid=list(encoder.grid), prefix=1)
         elif name.endswith(".attn.q_bias"):

@@ -242,12 +242,18 @@ def _rows(ts: list[torch.Tensor], shape: Shape) -> torch.Tensor:
     return torch.cat([w, extra])
 
 
+def _zero_bias(ts: list[torch.Tensor], shape: Shape) -> torch.Tensor:
+    """A bias the checkpoint's layer does not have (CLIP's bias-free patch embedding): zeros."""
+    return torch.zeros(shape, dtype=ts[0].dtype)
+
+
 OPS: dict[str, Callable[..., torch.Tensor]] = {
     "copy": _copy,
     "sum_in_chans": _sum_in_chans,
     "pos_embed": _pos_embed,
     "qkv_bias": _qkv_bias,
     "rows": _rows,
+    "zero_bias": _zero_bias,
 }
 
 
@@ -266,6 +272,7 @@ def shape_error(conv: Conversion, src: list[Shape], target: Shape) -> str | None
         ),
         "qkv_bias": lambda: len(src) == 2 and src[0] == src[1] and len(t) == 1 and t[0] == 3 * src[0][0],
         "rows": lambda: len(src[0]) == 2 and len(t) == 2 and src[0][1] == t[1] and src[0][0] <= t[0],
+        "zero_bias": lambda: len(t) == 1 and t[0] == src[0][0],
     }
     if op not in ok:
         return f"unknown conversion op {op!r}"

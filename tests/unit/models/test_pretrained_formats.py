@@ -24,8 +24,16 @@ from tests.helpers.tiny import make_tiny_special
 D, P, IMG = 32, 8, 32  # our encoder: 4x4 grid
 
 
-def _encoder(audio_patch: int = P, depth: int = 2) -> OmniEncoder:
-    v = VisionConfig(patch_size=P, audio_patch_size=audio_patch, width=D, depth=depth, heads=2, mlp_dim=64)
+def _encoder(audio_patch: int = P, depth: int = 2, pre_norm: bool = False) -> OmniEncoder:
+    v = VisionConfig(
+        patch_size=P,
+        audio_patch_size=audio_patch,
+        width=D,
+        depth=depth,
+        heads=2,
+        mlp_dim=64,
+        pre_norm=pre_norm,
+    )
     return OmniEncoder(v, InputConfig(image_size=IMG, mel_bins=16, clip_frames=32), tokens_per_frame=2).eval()
 
 
@@ -38,7 +46,7 @@ def _perturbed(m: torch.nn.Module) -> torch.nn.Module:
     return m.eval()
 
 
-def _timm_vit(img: int, num_classes: int = 0) -> VisionTransformer:
+def _timm_vit(img: int, num_classes: int = 0, pre_norm: bool = False) -> VisionTransformer:
     torch.manual_seed(1)
     return _perturbed(
         VisionTransformer(
@@ -49,6 +57,7 @@ def _timm_vit(img: int, num_classes: int = 0) -> VisionTransformer:
             num_heads=2,
             mlp_ratio=2.0,
             num_classes=num_classes,
+            pre_norm=pre_norm,
         )  # fmt: skip
     )
 
@@ -65,6 +74,19 @@ def test_timm_checkpoint_at_another_image_size_matches_timm_loading(tmp_path: Pa
     with torch.no_grad():
         torch.testing.assert_close(enc(x, "image", pool=False), ref.forward_features(x))
         torch.testing.assert_close(enc.pos_embed, ref.pos_embed)
+
+
+def test_clip_style_pre_norm(tmp_path: Path) -> None:
+    """timm's CLIP ViTs (vit_*_clip_224.laion2b) normalize tokens before the blocks (norm_pre)."""
+    src = _timm_vit(img=IMG, pre_norm=True)
+    save_file(src.state_dict(), str(tmp_path / "clip.safetensors"))
+    with pytest.raises(ValueError, match="set model.vision.pre_norm=true"):
+        load_timm_checkpoint(_encoder(), tmp_path / "clip.safetensors")
+    enc = _encoder(pre_norm=True)
+    load_timm_checkpoint(enc, tmp_path / "clip.safetensors")
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x, "image", pool=False), src.forward_features(x))
 
 
 def test_one_channel_tokenizers_sum_the_rgb_filters(tmp_path: Path) -> None:
