@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -441,6 +440,7 @@ class Plan:
     corpora: list[CorpusPlan] = field(default_factory=list)
     days: float = 0.0
     fits: bool = True
+    notes: list[str] = field(default_factory=list)
 
 
 def make_plan(
@@ -503,6 +503,17 @@ def make_plan(
         )
         plan.fits = plan.fits and mem.fits
     plan.days = seconds / 86400
+    if z["offload_optimizer"] or z["offload_param"]:
+        plan.notes.append(
+            "offload: the CPU Adam step and the PCIe traffic of offloaded states are NOT in the step time"
+        )
+    paper = {c.name: c.global_batch for c in plan.corpora}
+    hinted = int(hints.get("nodes", nodes)) * int(hints.get("gpus_per_node", gpn))
+    if world != hinted:
+        plan.notes.append(
+            f"{world} ranks instead of the recipe's {hinted}: global batches scale with the world size "
+            f"({paper}); set optim.grad_accum (or the per-rank batch sizes) to keep the recipe's"
+        )
     return plan
 
 
@@ -564,6 +575,7 @@ def format_plan(plan: Plan) -> str:
         L.append(row)
     if plan.corpora and plan.corpora[0].timing is not None:
         L.append(f"predicted time for the recipe's steps: {plan.days:.1f} days at {plan.mfu:.0%} MFU")
+    L.extend(f"note: {n}" for n in plan.notes)
     L.append(f"fits: {'yes' if plan.fits else 'NO'}")
     return "\n".join(L)
 
@@ -591,9 +603,19 @@ def set_batch(cfg: Any, batch: int | None) -> None:
             c.batch_size = batch
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status(key: str) -> int:
+    """A /proc/self/status figure in bytes (VmRSS: resident now; VmHWM: peak since the last reset)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    """Reset VmHWM to the current RSS (Linux clear_refs 5; the method of tools/bench_train.py)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def measure_worker(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -615,9 +637,10 @@ def measure_worker(args: argparse.Namespace, overrides: list[str]) -> None:
     loader = tdata.build_train_data(cfg, tok)
     batches = [next(loader) for _ in range(args.steps)]
     loader.close()
-    rss0 = _rss()
+    _reset_peak()  # what follows (engine, steps) is what is measured
+    rss0 = _status("VmRSS")
     engine, _ = build_engine(cfg, lambda: MiCoModel(cfg, tok.special))
-    rss_engine = _rss()
+    rss_engine = _status("VmRSS")
     times = []
     for i, batch in enumerate(batches):
         t0 = time.perf_counter()
@@ -626,8 +649,8 @@ def measure_worker(args: argparse.Namespace, overrides: list[str]) -> None:
         engine.backward(losses["loss"])
         engine.step()
         times.append(time.perf_counter() - t0)
-    rss_end = _rss()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_end = _status("VmRSS")
+    peak = _status("VmHWM")
     out = {"rank": mdist.get_rank(), "baseline": rss0, "after_engine": rss_engine - rss0,
            "after_steps": rss_end - rss0, "peak": peak - rss0, "step_s": times}  # fmt: skip
     Path(args.out).mkdir(parents=True, exist_ok=True)
