@@ -219,7 +219,8 @@ def make_optimizer(groups: list[dict[str, Any]], cfg: RunConfig, ds: dict[str, A
 
 
 def build_engine(cfg: RunConfig, model_fn) -> tuple[Any, dict[str, Any]]:
-    """Build the model (under zero.Init at stage 3) and wrap it in a DeepSpeed engine.
+    """Build the model (under zero.Init at stage 3), load its pretrained weights (mico_ds.train.pretrained)
+    and wrap it in a DeepSpeed engine.
 
     ``model_fn()`` constructs the module; returns (engine, resolved DeepSpeed config).
     """
