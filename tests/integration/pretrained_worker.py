@@ -114,7 +114,7 @@ def main() -> None:
         out["encoder_diff"] = {
             k: (enc_p[k].detach() - v.detach()).abs().max().item() for k, v in expect_enc.items()
         }
-        out["encoder_covered"] = sorted(set(enc_p) - set(expect_enc))
+        out["encoder_unchecked"] = sorted(set(enc_p) - set(expect_enc))
         diffs = {}
         for k, v in expect_txt.items():
             mine = txt_p[k].detach()
@@ -124,6 +124,7 @@ def main() -> None:
             diffs[k] = (mine - v.detach()).abs().max().item()
         out["text_diff"] = diffs
         before = {n: p.detach().clone() for n, p in params.items()}
+    loaded = {n: t for n, t in before.items() if n.startswith(("encoder.", "text."))}
 
     # 3. outputs of the partitioned model vs the reference modules
     engine.eval()
@@ -161,16 +162,19 @@ def main() -> None:
     out["head_step_lr"] = d0["proj_t.net.0.weight"][d0["proj_t.net.0.weight"] > 0].median().item()
     out["text_changed"] = deltas[1][q].max().item() > 0
 
-    # 5. a direct load, recording what DeepSpeed holds gathered whenever a tensor is converted
-    ds = resolve_ds_config(cfg, mdist.get_world_size())
+    # 5. a direct load with the debug recipe's zero3_cpu.json (small parameters persistent), recording
+    # what DeepSpeed holds gathered whenever a tensor is converted
+    ds = resolve_ds_config(load_config("debug", ["train.precision=fp32"]), mdist.get_world_size())
+    torch.manual_seed(1)  # other random values than the first model: the load must overwrite them
     with deepspeed.zero.Init(config_dict_or_path=ds):
         fresh = MiCoModel(cfg, special)
     fresh_params = list(fresh.parameters())
+    out["persistent_at_load"] = sum(bool(p.ds_persist) for p in fresh_params)
     seen: list[tuple[int, int]] = []
     real = pre.materialize
 
     def watched(conv, reader, shape):
-        avail = [p for p in fresh_params if p.ds_status == ZeroParamStatus.AVAILABLE]
+        avail = [p for p in fresh_params if p.ds_status == ZeroParamStatus.AVAILABLE and not p.ds_persist]
         seen.append((len(avail), sum(p.ds_numel for p in avail)))
         return real(conv, reader, shape)
 
@@ -186,6 +190,15 @@ def main() -> None:
         "text": max(p.ds_numel for p in fresh.text.parameters()),
     }
     out["total_numel"] = sum(p.ds_numel for p in fresh_params)
+    # deepspeed.initialize marks the small parameters persistent and gathers them from the partitions
+    # the load wrote: they must hold the checkpoint's values too
+    deepspeed.initialize(model=fresh, optimizer=torch.optim.AdamW(fresh.parameters()), config=ds)
+    out["persistent_count"] = sum(bool(p.ds_persist) for p in fresh_params)
+    fresh_named = dict(fresh.named_parameters())
+    with deepspeed.zero.GatheredParameters(fresh_params):
+        diffs = {n: (fresh_named[n].detach() - t).abs().max().item() for n, t in loaded.items()}
+    out["reload_max_diff"] = max(diffs.values())
+    out["reload_bad"] = {n: d for n, d in diffs.items() if d > 0}
     torch.save(out, args.out / f"rank{rank}.pt")
 
 
