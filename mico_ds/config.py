@@ -106,7 +106,12 @@ class VisionConfig:
     mlp_dim: int = _f(3072, "MLP hidden size.")
     qkv_bias: bool = _f(True, "Bias in the qkv projection.")
     drop_path: float = _f(0.0, "Stochastic depth rate (linearly increasing over blocks).")
-    pretrained: str | None = _f(None, "Local timm/EVA checkpoint file to initialize from.")
+    pre_norm: bool = _f(
+        False, "LayerNorm on the embedded tokens before the blocks (CLIP's ln_pre); true for CLIP weights."
+    )
+    pretrained: str | None = _f(
+        None, "Local timm/EVA ViT checkpoint file (.safetensors/.pth/.bin) to initialize the encoder from."
+    )
     grad_checkpointing: bool = _f(False, "Activation checkpointing of every block.")
 
 

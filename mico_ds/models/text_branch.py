@@ -7,7 +7,9 @@ Two passes (MiCo §3.2 / appendix B.1):
     projected context tokens are ``inputs_embeds`` in front of the token embeddings, the attention
     mask covers prefix + text and attention is causal.
 
-Built from a ``LlamaConfig`` (debug sizes, random init) or from a LOCAL Hugging Face directory.
+Built from a ``LlamaConfig`` (debug sizes, random init) or with the architecture of a LOCAL Hugging Face
+directory (``pretrained_llama_config``); its weights are loaded after construction, tensor by tensor
+(``load_hf_llama``; ``mico_ds.train.pretrained`` under ZeRO-3).
 Text is right-padded (``text_mask`` = 1s then 0s); position ids are cumsum(mask) - 1, so they run
 contiguously over prefix + valid text.
 
@@ -17,6 +19,7 @@ Shape legend: B batch, L text tokens, P prefix tokens, S = P + L, H hidden size,
 from __future__ import annotations
 
 import inspect
+import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,6 +32,14 @@ from transformers.modeling_utils import PreTrainedModel
 from mico_ds.config import TextConfig
 from mico_ds.data.schema import SpecialTokens
 from mico_ds.models.initialization import leaf_init
+from mico_ds.models.weights import (
+    CheckpointReader,
+    Conversion,
+    check_plan,
+    load_plan_into,
+    order_by_file,
+    target_shapes,
+)
 
 _POOLING = ("mean", "last")
 
@@ -47,15 +58,6 @@ def _no_posthoc_init() -> Any:
         yield
     finally:
         PreTrainedModel.initialize_weights = orig  # type: ignore[method-assign]
-
-
-def _inside_zero_init() -> bool:
-    """True when parameters are being partitioned at construction (DeepSpeed zero.Init is active).
-
-    DeepSpeed tags the parameters it converts with ``ds_id``; probing one tiny module avoids importing
-    DeepSpeed into the library.
-    """
-    return hasattr(nn.Linear(1, 1, bias=False).weight, "ds_id")
 
 
 # transformers 5 renamed LlamaModel.forward's ``past_key_values`` to ``cache`` (the old name warns).
@@ -90,6 +92,99 @@ def llama_config(text: TextConfig, special: SpecialTokens) -> LlamaConfig:
     )
 
 
+# Recipe field -> config.json field that must agree with a pretrained directory.
+_ARCH_FIELDS = {
+    "hidden_size": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "intermediate_size": "intermediate_size",
+}
+
+
+def pretrained_llama_config(text: TextConfig, special: SpecialTokens) -> LlamaConfig:
+    """The architecture of the local Hugging Face directory ``text.pretrained`` (no weights read).
+
+    RoPE settings, norm epsilon and activation come from its ``config.json``; the vocabulary grows to
+    our tokenizer's (``<pad>``/``<mask>`` are added to Llama-2's 32000) and the special ids are ours.
+    The recipe's sizes must match the checkpoint (the planner and the meta-device tests read them).
+
+    Raises:
+        ValueError: the directory has no config.json, is not a Llama, or disagrees with the recipe
+            (every mismatching field named) or has a larger vocabulary than the tokenizer.
+    """
+    path = Path(text.pretrained)  # type: ignore[arg-type]
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model.text.pretrained={str(path)!r} is not a Hugging Face model directory")
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type != "llama":
+        raise ValueError(f"{path}/config.json: model_type={model_type!r}, expected 'llama'")
+    cfg = LlamaConfig.from_pretrained(
+        str(path), local_files_only=True, attn_implementation=text.attn_implementation
+    )
+    mine = {k: getattr(text, k) for k in _ARCH_FIELDS}
+    mine["num_kv_heads"] = text.num_kv_heads or text.num_heads
+    theirs = {k: getattr(cfg, f) for k, f in _ARCH_FIELDS.items()}
+    bad = {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}
+    if bad:
+        raise ValueError(
+            f"{path}/config.json disagrees with the recipe: "
+            + ", ".join(f"model.text.{k}={a} vs {_ARCH_FIELDS[k]}={b}" for k, (a, b) in bad.items())
+        )
+    if cfg.vocab_size > special.vocab_size:
+        raise ValueError(
+            f"{path}/config.json: vocab_size={cfg.vocab_size} > the tokenizer's {special.vocab_size} "
+            f"(data.tokenizer must be this model's tokenizer)"
+        )
+    cfg.vocab_size = special.vocab_size
+    cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = special.pad_id, special.bos_id, special.eos_id
+    cfg.tie_word_embeddings = False  # a tied checkpoint fills lm_head from its embeddings
+    cfg.use_cache = False
+    cfg.max_position_embeddings = max(cfg.max_position_embeddings, text.max_position_embeddings)
+    return cfg
+
+
+_HF_IGNORED_SUFFIX = (".rotary_emb.inv_freq",)  # buffers some older checkpoints saved
+
+
+def hf_llama_plan(
+    source_shapes: dict[str, tuple[int, ...]], branch: nn.Module, where: str = "checkpoint"
+) -> list[Conversion]:
+    """Conversion plan (``mico_ds.models.weights``) from a Hugging Face ``LlamaForCausalLM`` checkpoint.
+
+    Keys map one to one (``model.*`` -> ``llm.model.*``, ``lm_head.weight`` -> ``llm.lm_head.weight``);
+    the embedding and LM-head rows grow to our vocabulary (new rows at the mean of the old ones); a
+    checkpoint with tied embeddings and no ``lm_head.weight`` fills the head from the embeddings.
+
+    Raises:
+        ValueError: naming ``where`` and every key or shape that does not fit ``branch``.
+    """
+    plan: list[Conversion] = []
+    for k in source_shapes:
+        if k.endswith(_HF_IGNORED_SUFFIX):
+            continue
+        op = "rows" if k in ("model.embed_tokens.weight", "lm_head.weight") else "copy"
+        plan.append(Conversion(f"llm.{k}", (k,), op))
+    if "lm_head.weight" not in source_shapes and "model.embed_tokens.weight" in source_shapes:
+        plan.append(Conversion("llm.lm_head.weight", ("model.embed_tokens.weight",), "rows"))
+    check_plan(plan, source_shapes, target_shapes(branch), where)
+    return plan
+
+
+def load_hf_llama(branch: TextBranch, path: str | Path) -> None:
+    """Load a local Hugging Face Llama directory into a plain (not partitioned) ``branch``.
+
+    One shard file open at a time, one tensor converted at a time (:func:`hf_llama_plan`). Under
+    ZeRO-3 the trainer loads through ``mico_ds.train.pretrained`` instead.
+    """
+    reader = CheckpointReader(path)
+    try:
+        plan = order_by_file(hf_llama_plan(reader.shapes(), branch, str(path)), reader.key_to_file)
+        load_plan_into(branch, plan, reader)
+    finally:
+        reader.close()
+
+
 class TextOutput(NamedTuple):
     hidden: torch.Tensor  # (B, S, H) last hidden states over prefix + text
     mask: torch.Tensor  # (B, S) attention mask over prefix + text (1 = real)
@@ -121,12 +216,12 @@ class TextBranch(nn.Module):
                     f"[0, {special.vocab_size})"
                 )
         self.pooling = text.pooling
-        if text.pretrained:
-            self.llm = self._from_pretrained(text, special)
-        else:
-            cfg = llama_config(text, special)
-            with leaf_init(std=cfg.initializer_range), _no_posthoc_init():
-                self.llm = LlamaForCausalLM(cfg)
+        # A pretrained directory decides the architecture (its config.json, checked against the
+        # recipe); its weights are loaded afterwards, tensor by tensor (load_hf_llama, or
+        # mico_ds/train/pretrained.py under ZeRO-3), so construction never holds a second copy.
+        cfg = pretrained_llama_config(text, special) if text.pretrained else llama_config(text, special)
+        with leaf_init(std=cfg.initializer_range), _no_posthoc_init():
+            self.llm = LlamaForCausalLM(cfg)
         self.llm.config.use_cache = False
         if text.grad_checkpointing:
             if hasattr(self.llm, "activation_checkpointing_enable"):  # transformers >= 5
@@ -135,32 +230,6 @@ class TextBranch(nn.Module):
                 self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.hidden_size = self.llm.config.hidden_size
         self.vocab_size = self.llm.config.vocab_size
-
-    @staticmethod
-    def _from_pretrained(text: TextConfig, special: SpecialTokens) -> LlamaForCausalLM:
-        path = Path(text.pretrained)  # type: ignore[arg-type]
-        if not (path / "config.json").is_file():
-            raise ValueError(f"model.text.pretrained={str(path)!r} is not a Hugging Face model directory")
-        from transformers.integrations import is_deepspeed_zero3_enabled
-
-        if _inside_zero_init() and not is_deepspeed_zero3_enabled():
-            # transformers would load into empty shards; with HfDeepSpeedConfig it gathers them.
-            raise ValueError(
-                "model.text.pretrained under deepspeed.zero.Init needs a live "
-                "transformers.integrations.HfDeepSpeedConfig(ds_config) so transformers loads the "
-                "checkpoint into the ZeRO-3 partitions"
-            )
-        llm = LlamaForCausalLM.from_pretrained(
-            str(path),
-            local_files_only=True,
-            dtype=torch.float32,
-            attn_implementation=text.attn_implementation,
-        )
-        if llm.config.vocab_size != special.vocab_size:
-            # The tokenizer added <mask>/<pad>: new rows start at the mean of the old ones.
-            llm.resize_token_embeddings(special.vocab_size)
-        llm.config.pad_token_id = special.pad_id
-        return llm
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, L) -> (B, L, H) through the module call (ZeRO-3 gathers it)."""

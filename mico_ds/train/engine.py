@@ -200,25 +200,46 @@ def init_distributed(cfg: RunConfig) -> None:
     configure_threads(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1"))))
 
 
+def offloads_optimizer(ds: dict[str, Any]) -> bool:
+    """True when ZeRO keeps the optimizer states on the CPU or NVMe (``offload_optimizer.device``)."""
+    off = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return off.get("device", "none") in ("cpu", "nvme")
+
+
+def make_optimizer(groups: list[dict[str, Any]], cfg: RunConfig, ds: dict[str, Any]) -> torch.optim.Optimizer:
+    """AdamW: DeepSpeed's CPU Adam when the optimizer states are offloaded (ZeRO-Offload steps them on
+    the CPU and refuses a client torch optimizer there), torch's fused AdamW on CUDA, else torch's."""
+    o = cfg.optim
+    if offloads_optimizer(ds):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
+    fused = torch.cuda.is_available()
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
+
+
 def build_engine(cfg: RunConfig, model_fn) -> tuple[Any, dict[str, Any]]:
-    """Build the model (under zero.Init at stage 3) and wrap it in a DeepSpeed engine.
+    """Build the model (under zero.Init at stage 3), load its pretrained weights (mico_ds.train.pretrained)
+    and wrap it in a DeepSpeed engine.
 
     ``model_fn()`` constructs the module; returns (engine, resolved DeepSpeed config).
     """
     import deepspeed
 
+    from mico_ds.train.pretrained import load_pretrained
+
     ds = resolve_ds_config(cfg, mdist.get_world_size())
-    if zero_stage(ds) == 3:
+    zero3 = zero_stage(ds) == 3
+    if zero3:
         # Parameters are partitioned as each submodule is built: no rank ever holds the full model.
         with deepspeed.zero.Init(config_dict_or_path=ds):
             model = model_fn()
     else:
         model = model_fn()
+    # Before the engine exists, so its fp32 master weights start from the pretrained ones.
+    load_pretrained(model, cfg, zero3=zero3)
     groups = param_groups(model, cfg)
-    fused = torch.cuda.is_available()
-    optim = torch.optim.AdamW(
-        groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=fused or None
-    )
+    optim = make_optimizer(groups, cfg, ds)
     base = lr_lambda(cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, [base] * len(groups))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optim, lr_scheduler=sched, config=ds)

@@ -128,15 +128,25 @@ class Throughput:
         return r
 
 
-def train_flops_per_sample(cfg: RunConfig, modalities: list[str], text_len: int, vocab_size: int) -> float:
-    """Training FLOPs per sample, written out (forward + backward = 3x forward; matmuls only).
+def flops_breakdown(
+    cfg: RunConfig, modalities: list[str], text_len: int, vocab_size: int
+) -> dict[str, float]:
+    """FORWARD FLOPs per sample of each part of one MiCo training step (matmuls only), written out.
 
     A transformer layer of width d, MLP width f, sequence n costs forward
-        2 * n * (4 d^2 + 2 d f)  (qkv + out projections, MLP)  +  4 * n^2 * d  (scores and weighted sum),
-    as in Kaplan et al. 2020 / nanoGPT's estimate_mfu (which uses 6N + 12 L d n per token).
-    Vision: one ViT pass per frame/clip; context fusion layers over the context; Llama: the text-only pass
-    (n = text_len), the matching pass over 3 sequences (prefix + text) and the generation pass (prefix +
-    text), each with the LM head only where used (generation).
+        2 * n * (4 d^2 + 2 d f)   (qkv + out projections, MLP; 2 FLOPs per multiply-add)
+      + 4 * n^2 * d               (scores Q K^T and the weighted sum P V),
+    as in Kaplan et al. 2020 / nanoGPT's estimate_mfu (6N + 12 L d n per token for training). A Llama
+    layer (hidden H, MLP I, kv width H_kv = H * kv_heads / heads, SwiGLU) costs
+        2 * n * (2 H^2 + 2 H H_kv + 3 H I) + 4 * n^2 * H.
+    Parts (keys of the result):
+        vit/<modality>   frames x depth x layer(n_grid + 1, D, F): one ViT pass per frame / clip
+        context          fusion_layers x layer(1 + context tokens, D, F)
+        llama/text       the text-only pass, n = text_len (contrastive text feature)
+        llama/matching   3 x pass(prefix + text_len): positive + 2 hard-negative rows per sample (Eq. 5)
+        llama/generation pass(prefix + text_len): the masked caption (Eq. 6)
+        lm_head          2 * mask_ratio * text_len * H * V: the LM head runs on the masked tokens only
+    Heads and projections (O(d^2) per sample, not per token) are left out.
     """
     v, t, inp, ctxc = cfg.model.vision, cfg.model.text, cfg.inputs, cfg.model.context
 
@@ -146,13 +156,13 @@ def train_flops_per_sample(cfg: RunConfig, modalities: list[str], text_len: int,
     grid = (inp.image_size // v.patch_size) ** 2 + 1
     agrid = (inp.mel_bins // v.audio_patch_size) * (inp.clip_frames // v.audio_patch_size) + 1
     frames = {"image": 1, "video": inp.num_frames, "audio": inp.num_clips, "depth": 1, "normal": 1}
-    fwd = 0.0
+    parts: dict[str, float] = {}
     ctx_len = 1
     for m in modalities:
         n = agrid if m == "audio" else grid
-        fwd += frames[m] * v.depth * layer(n, v.width, v.mlp_dim)
+        parts[f"vit/{m}"] = frames[m] * v.depth * layer(n, v.width, v.mlp_dim)
         ctx_len += frames[m] * ctxc.tokens_per_frame
-    fwd += ctxc.fusion_layers * layer(ctx_len, v.width, v.mlp_dim)
+    parts["context"] = ctxc.fusion_layers * layer(ctx_len, v.width, v.mlp_dim)
     prefix = ctx_len if ctxc.prefix_tokens is None else min(ctx_len, ctxc.prefix_tokens)
     kv = t.num_kv_heads or t.num_heads
     d_kv = t.hidden_size * kv // t.num_heads
@@ -162,6 +172,21 @@ def train_flops_per_sample(cfg: RunConfig, modalities: list[str], text_len: int,
         per = 2 * n * (2 * d * d + 2 * d * d_kv + 3 * d * f) + 4 * n * n * d
         return t.num_layers * per
 
-    fwd += llama(text_len) + 3 * llama(prefix + text_len) + llama(prefix + text_len)
-    fwd += 2 * text_len * t.hidden_size * vocab_size  # LM head of the generation pass
-    return 3 * fwd
+    o = cfg.objectives
+    if o.contrastive_weight > 0 or o.matching_weight > 0:
+        parts["llama/text"] = llama(text_len)
+    if o.matching_weight > 0:
+        parts["llama/matching"] = 3 * llama(prefix + text_len)
+    if o.generation_weight > 0:
+        parts["llama/generation"] = llama(prefix + text_len)
+        parts["lm_head"] = 2 * o.mask_ratio * text_len * t.hidden_size * vocab_size
+    return parts
+
+
+def train_flops_per_sample(cfg: RunConfig, modalities: list[str], text_len: int, vocab_size: int) -> float:
+    """Training FLOPs per sample: forward + backward = 3 x forward (:func:`flops_breakdown`).
+
+    This is the model-FLOPs convention of MFU (PaLM, nanoGPT): activation recomputation is not counted,
+    a run with checkpointing does 4 forward-equivalents of work for these 3.
+    """
+    return 3 * sum(flops_breakdown(cfg, modalities, text_len, vocab_size).values())

@@ -177,6 +177,37 @@ def test_slurm_dry_run_8x8(recipe: str, tmp_path: Path) -> None:
     assert not run_dir.exists(), "a dry run must not write anything"
 
 
+@pytest.mark.parametrize("ds_config", [None, "zero3_bf16_7b_offload.json"])
+def test_slurm_dry_run_vitg_64gpu(ds_config: str | None, tmp_path: Path) -> None:
+    """The headline job: ViT-g/14 + Llama-2-7B on 8 nodes x 8 GPUs (and its CPU-offload variant)."""
+    recipe = "vitg_llama2_7b_64gpu"
+    extra = [f"--train.ds_config={ds_config}"] if ds_config else []
+    r = run(SLURM_SCRIPT, ["--dry-run", "--recipe", recipe, "--run-dir", "/shared/runs/g", *extra],
+            fake_slurm(), cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    sec = sections(r.stdout)
+    assert sec["hostfile"] == [f"node{i:02d} slots=8" for i in range(1, 9)]
+    assert [line.split(":")[0] for line in sec["per-node"]] == [
+        f"node_rank={k} host=node{k + 1:02d}" for k in range(8)
+    ]
+    assert all(
+        f"--module mico_ds.train --recipe {recipe} --run-dir /shared/runs/g" in x for x in sec["per-node"]
+    )
+    ds = json.loads("\n".join(sec["deepspeed"]))
+    # B.2: the largest corpus (VAST-27M) is 32 per rank x 64 = 2048
+    batch = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
+    assert batch == (32, 1, 2048)
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["overlap_comm"] is True and ds["bf16"]["enabled"] is True
+    assert {k for k in z if k.startswith("stage3_")} >= {
+        "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "stage3_max_live_parameters",
+        "stage3_max_reuse_distance",
+    }  # fmt: skip
+    assert ("offload_optimizer" in z) == (ds_config is not None)
+    if ds_config:
+        assert z["offload_param"]["device"] == "cpu"
+
+
 def test_slurm_dry_run_overrides_reach_ds_config(tmp_path: Path) -> None:
     """Dotted overrides of the batch change the resolved JSON (the dry run reads the same config)."""
     r = run(

@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM
 
 from mico_ds.config import TextConfig
 from mico_ds.data.schema import SpecialTokens
-from mico_ds.models.text_branch import TextBranch, last_valid_index, llama_config
+from mico_ds.models.text_branch import TextBranch, last_valid_index, llama_config, load_hf_llama
 from tests.helpers.tiny import make_tiny_config, make_tiny_special
 
 
@@ -132,6 +132,7 @@ def test_from_local_pretrained_directory_resizes_vocab(tmp_path: Path) -> None:
     src.save_pretrained(tmp_path / "llama")
     special = make_tiny_special()  # 96 = 90 + tokens the tokenizer added
     tb = TextBranch(_text_cfg(pretrained=str(tmp_path / "llama")), special)
+    load_hf_llama(tb, tmp_path / "llama")  # construction builds the architecture only
     assert tb.vocab_size == 96
     emb = tb.llm.get_input_embeddings().weight
     assert emb.shape == (96, 64) and tb.llm.lm_head.weight.shape == (96, 64)
