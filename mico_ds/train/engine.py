@@ -7,6 +7,7 @@ straight-line function, :func:`build_engine`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -197,7 +198,28 @@ def init_distributed(cfg: RunConfig) -> None:
     deepspeed.init_distributed(
         dist_backend=backend, timeout=datetime.timedelta(seconds=cfg.train.dist_timeout_s)
     )
+    unlink_shm_buffers()
     configure_threads(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1"))))
+
+
+def unlink_shm_buffers() -> None:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce buffer from /dev/shm.
+
+    On CPU, DeepSpeed's shared-memory all-reduce creates ``/dev/shm/deepspeed_allreduce_buffer_
+    <uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>`` (66 MiB) per rank and never unlinks it, so every run
+    leaves its buffers in RAM (tmpfs) until reboot. Once every rank has mapped every peer's buffer
+    (during init_distributed, hence the barrier) the names are no longer needed: unlinking them now
+    keeps the mappings valid and leaves nothing behind, whatever way the process ends.
+    """
+    if torch.cuda.is_available():
+        return
+    name = (
+        f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+        f"{os.environ.get('MASTER_PORT', '')}_{mdist.get_rank()}"
+    )
+    mdist.barrier()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name)
 
 
 def offloads_optimizer(ds: dict[str, Any]) -> bool:
