@@ -16,8 +16,11 @@ the local slice), here as one reduce per owning rank, started as soon as that ch
 Communication is per rank-chunk: the forward starts one broadcast per source rank and computes on
 its own chunk, then on each other chunk as it arrives; the backward walks the chunks in rank order
 (the same order on every rank, as collectives must be issued) and starts the reduce of chunk k while
-computing chunk k+1. Extra memory: O(b x tile) for the logits tiles (the gathered features themselves,
-O(N x E), are kept for the backward exactly as ClipLoss keeps them).
+computing chunk k+1. Extra memory: one (b, tile) fp32 logits tile, reused; the (b, E) gradients of the
+local features; one (2, b, E) buffer per chunk in flight to its owner (none with one rank: the column
+gradients are accumulated into the local ones). The PyTorch path applies s and -lse inside the GEMMs
+(``alpha``, the addend), so it makes no scaled copies of the features and no per-chunk accumulators.
+The gathered features themselves, O(N x E), are kept for the backward exactly as ClipLoss keeps them.
 
 Two implementations of the per-chunk work: PyTorch tiles (CPU path; fp32 math, ``tile`` columns at a
 time) and Triton kernels (``_triton_contrastive``: fused logits/online-LSE forward and fused
@@ -42,13 +45,18 @@ def _tile_buffer(b: int, n_max: int, tile: int, device: torch.device) -> torch.T
     return torch.empty(b * min(tile, n_max), dtype=torch.float32, device=device)
 
 
-def _lse_block_torch(q_s: torch.Tensor, k_rows: torch.Tensor, tile: int, buf: torch.Tensor) -> torch.Tensor:
-    """(b,) log-sum-exp over the chunk's columns of q_s k_rows^T (q_s = s * q), ``tile`` columns at a time."""
-    b = q_s.shape[0]
-    lse = torch.full((b,), float("-inf"), dtype=torch.float32, device=q_s.device)
+def _lse_block_torch(
+    q: torch.Tensor, s: float, k_rows: torch.Tensor, tile: int, buf: torch.Tensor
+) -> torch.Tensor:
+    """(b,) log-sum-exp over the chunk's columns of s q k_rows^T, ``tile`` columns at a time.
+
+    s is applied by the GEMM (``alpha``), so no scaled copy of q is made.
+    """
+    b = q.shape[0]
+    lse = torch.full((b,), float("-inf"), dtype=torch.float32, device=q.device)
     for c0 in range(0, k_rows.shape[0], tile):
         kt = k_rows[c0 : c0 + tile].float()
-        logits = torch.mm(q_s, kt.T, out=buf[: b * kt.shape[0]].view(b, kt.shape[0]))  # (b, tile)
+        logits = buf[: b * kt.shape[0]].view(b, kt.shape[0]).addmm_(q, kt.T, beta=0, alpha=s)  # (b, tile)
         m = logits.amax(dim=1)  # finite: the logits are
         tile_lse = logits.sub_(m[:, None]).exp_().sum(dim=1).log_().add_(m)
         lse = torch.logaddexp(lse, tile_lse)
@@ -57,30 +65,30 @@ def _lse_block_torch(q_s: torch.Tensor, k_rows: torch.Tensor, tile: int, buf: to
 
 def _bwd_block_torch(
     q: torch.Tensor,
-    q_s: torch.Tensor,
+    s: float,
     k_rows: torch.Tensor,
     lse: torch.Tensor,
     tile: int,
+    cs: float,
+    dq: torch.Tensor,
     dk: torch.Tensor,
+    dk_beta: float,
     buf: torch.Tensor,
-) -> torch.Tensor:
-    """Unscaled gradients of sum_i lse_i restricted to this chunk's columns.
+) -> None:
+    """Gradients of ``coef * sum_i lse_i`` restricted to this chunk's columns, cs = coef * s.
 
-    With P = exp(q_s k^T - lse) (the softmax rows, recomputed tile by tile; the same GEMM as the
-    forward, so the logits are bit-identical): returns A = P k (b, E) and writes P^T q into dk (n, E)
-    (a view of the packed reduce buffer). The caller scales: dq = coef s A, dk *= coef s, and
-    ds = coef sum_i <q_i, A_i> (= coef sum_ij P_ij <q_i, k_j>, without a pass over the tile).
-    Per tile: one GEMM for the logits, two in-place passes (-lse, exp), two GEMMs for the gradients.
+    With P = exp(s q k^T - lse) (the softmax rows, recomputed tile by tile; -lse enters the GEMM as
+    its addend, so one elementwise pass remains): dq += cs P k (accumulated in place) and
+    dk = dk_beta * dk + cs P^T q. Per tile: one GEMM for P, one exp pass, two GEMMs for the gradients.
     """
     b = q.shape[0]
-    acc = torch.zeros_like(q)
+    neg_lse = lse.neg()[:, None]
     for c0 in range(0, k_rows.shape[0], tile):
         kt = k_rows[c0 : c0 + tile].float()
-        p = torch.mm(q_s, kt.T, out=buf[: b * kt.shape[0]].view(b, kt.shape[0]))
-        p.sub_(lse[:, None]).exp_()  # (b, tile) softmax rows, in place
-        acc.addmm_(p, kt)
-        dk[c0 : c0 + tile] = torch.mm(p.T, q)
-    return acc
+        p = torch.addmm(neg_lse, q, kt.T, alpha=s, out=buf[: b * kt.shape[0]].view(b, kt.shape[0]))
+        p.exp_()  # (b, tile) softmax rows, in place
+        dq.addmm_(p, kt, alpha=cs)
+        dk[c0 : c0 + tile].addmm_(p.T, q, beta=dk_beta, alpha=cs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +113,7 @@ class _ContrastiveLSE(torch.autograd.Function):
         s32 = s.detach().float()
         tk = load_triton_module("_triton_contrastive") if triton else None
         zq, tq = (z.detach(), t.detach()) if triton else (z.detach().float(), t.detach().float())
-        zs, ts = (None, None) if triton else (zq * s32, tq * s32)  # s folded into the GEMM operand
+        s_f = None if triton else float(s32)  # the PyTorch GEMMs take s as alpha (a host sync)
         lse_zt = torch.full((b,), float("-inf"), dtype=torch.float32, device=z.device)
         lse_tz = torch.full_like(lse_zt, float("-inf"))
         chunks: list[tuple[torch.Tensor, torch.Tensor]] = [None] * world  # type: ignore[list-item]
@@ -124,8 +132,8 @@ class _ContrastiveLSE(torch.autograd.Function):
             else:
                 if buf is None:
                     buf = _tile_buffer(b, Zk.shape[0], tile, z.device)
-                lse_zt = torch.logaddexp(lse_zt, _lse_block_torch(zs, Tk, tile, buf))
-                lse_tz = torch.logaddexp(lse_tz, _lse_block_torch(ts, Zk, tile, buf))
+                lse_zt = torch.logaddexp(lse_zt, _lse_block_torch(zq, s_f, Tk, tile, buf))
+                lse_tz = torch.logaddexp(lse_tz, _lse_block_torch(tq, s_f, Zk, tile, buf))
         ctx.save_for_backward(z, t, s, lse_zt, lse_tz)
         ctx.chunks, ctx.tile, ctx.triton = chunks, tile, triton
         return 0.5 * (lse_zt.mean() + lse_tz.mean())
@@ -140,38 +148,46 @@ class _ContrastiveLSE(torch.autograd.Function):
         coef = (0.5 / b) * gout.float()  # d loss / d lse_i (a tensor: no host sync)
         tk = load_triton_module("_triton_contrastive") if ctx.triton else None
         zq, tq = (z.detach(), t.detach()) if tk is not None else (z.detach().float(), t.detach().float())
-        zs, ts = (None, None) if tk is not None else (zq * s32, tq * s32)
         dz = torch.zeros((b, E), dtype=torch.float32, device=z.device)
         dt = torch.zeros_like(dz)
         ds = torch.zeros((), dtype=torch.float32, device=z.device)
-        buf = None if tk is not None else _tile_buffer(b, chunks[0][0].shape[0], ctx.tile, z.device)
+        world = len(chunks)
+        if tk is None:
+            s_f = float(s32)  # the GEMMs take s and coef * s as alpha (host syncs, once per backward)
+            cs = float(coef) * s_f
+            buf = _tile_buffer(b, chunks[0][0].shape[0], ctx.tile, z.device)
         reduces: list[mdist.Pending] = []
         for k, (Zk, Tk) in enumerate(chunks):  # rank order everywhere: reduces are issued identically
-            # [dZ_k | dT_k] (n, 2E): rank k owns chunk k and receives the sum over ranks of it.
-            packed = torch.empty((Zk.shape[0], 2 * E), dtype=torch.float32, device=z.device)
+            if tk is None and world == 1:
+                # The only chunk is (z, t) itself: its column gradients are this rank's, accumulated
+                # straight into dz / dt (no buffer for a reduce).
+                _bwd_block_torch(zq, s_f, Tk, lse_zt, ctx.tile, cs, dz, dt, 1.0, buf)
+                _bwd_block_torch(tq, s_f, Zk, lse_tz, ctx.tile, cs, dt, dz, 1.0, buf)
+                continue
+            # [dZ_k ; dT_k] (2, n, E): rank k owns chunk k and receives the sum over ranks of it.
+            packed = torch.empty((2, Zk.shape[0], E), dtype=torch.float32, device=z.device)
             if tk is not None:
-                dq1, dT_k, ds1 = tk.bwd_block(zq, Tk, s32, lse_zt, coef)
-                dq2, dZ_k, ds2 = tk.bwd_block(tq, Zk, s32, lse_tz, coef)
-                packed[:, :E], packed[:, E:] = dZ_k, dT_k
-                del dZ_k, dT_k
+                dq1, packed[1], ds1 = tk.bwd_block(zq, Tk, s32, lse_zt, coef)
+                dq2, packed[0], ds2 = tk.bwd_block(tq, Zk, s32, lse_tz, coef)
+                dz += dq1
+                dt += dq2
+                ds += ds1 + ds2
+                del dq1, dq2
             else:
-                a1 = _bwd_block_torch(zq, zs, Tk, lse_zt, ctx.tile, packed[:, E:], buf)
-                a2 = _bwd_block_torch(tq, ts, Zk, lse_tz, ctx.tile, packed[:, :E], buf)
-                ds1 = coef * torch.dot(zq.reshape(-1), a1.view(-1))
-                ds2 = coef * torch.dot(tq.reshape(-1), a2.view(-1))
-                cs = coef * s32
-                dq1, dq2 = a1.mul_(cs), a2.mul_(cs)
-                packed.mul_(cs)
-                del a1, a2
-            dz += dq1
-            dt += dq2
-            ds += ds1 + ds2
-            del dq1, dq2
+                _bwd_block_torch(zq, s_f, Tk, lse_zt, ctx.tile, cs, dz, packed[1], 0.0, buf)
+                _bwd_block_torch(tq, s_f, Zk, lse_tz, ctx.tile, cs, dt, packed[0], 0.0, buf)
             reduces.append(mdist.reduce_sum_async(packed, dst=k))
             del packed
-        mine = [p.wait() for p in reduces][rank]
-        dz += mine[:, :E]
-        dt += mine[:, E:]
+        if tk is None:
+            # ds = coef sum_i <q_i, (P k)_i> over both directions = (<z, dz> + <t, dt>) / s while dz, dt
+            # hold only the row gradients; with one rank they also hold the column gradients, which
+            # contribute exactly as much again (<z, cs P_tz^T t> = <t, cs P_tz z>).
+            dots = torch.dot(zq.reshape(-1), dz.view(-1)) + torch.dot(tq.reshape(-1), dt.view(-1))
+            ds = dots / (s32 * (2 if world == 1 else 1))
+        if reduces:
+            mine = [p.wait() for p in reduces][rank]
+            dz += mine[0]
+            dt += mine[1]
         ctx.chunks = None
         return dz.to(z.dtype), dt.to(t.dtype), ds.to(s.dtype), None, None
 
