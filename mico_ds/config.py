@@ -227,7 +227,7 @@ class CheckpointConfig:
     keep_every: int = _f(0, "Also keep every checkpoint whose step is a multiple of M (0: none).")
 
 
-EVAL_TASKS: tuple[str, ...] = ("retrieval", "captioning", "qa")
+EVAL_TASKS: tuple[str, ...] = ("retrieval", "captioning", "qa", "grounding")
 
 
 @dataclass
@@ -235,7 +235,10 @@ class EvalConfig:
     """Evaluation on data.val_shards: in training (every train.eval_every steps and at the end) and by
     ``python -m mico_ds.eval`` (MiCo appendix B.3 protocol)."""
 
-    tasks: list[str] = _f(list(EVAL_TASKS), f"Evaluation tasks, a subset of {list(EVAL_TASKS)}.")
+    tasks: list[str] = _f(
+        ["retrieval", "captioning", "qa"],
+        f"Evaluation tasks, a subset of {list(EVAL_TASKS)} (grounding: does the LLM read the context?).",
+    )
     max_samples: int = _f(256, "Held-out items evaluated for retrieval (all of their captions).")
     batch_size: int = _f(32, "Per-rank evaluation batch size (items, texts, or reranked pairs).")
     rerank_k: int = _f(50, "Retrieval: top-k candidates reranked by the matching head (paper: 50; 0: off).")

@@ -115,6 +115,7 @@ def run_evaluation(
     (``captioning/examples``, ``qa/examples``) hold a few generated outputs.
     """
     from mico_ds.eval.captioning import DecodeOptions, evaluate_captioning
+    from mico_ds.eval.grounding import evaluate_grounding
     from mico_ds.eval.qa import evaluate_qa
     from mico_ds.eval.retrieval import evaluate_retrieval
 
@@ -125,7 +126,12 @@ def run_evaluation(
         raise ValueError(f"unknown evaluation tasks {bad}; known: {list(EVAL_TASKS)}")
     if not tasks:
         return {}
-    sizes = {"retrieval": e.max_samples, "captioning": e.caption_samples, "qa": e.qa_samples}
+    sizes = {
+        "retrieval": e.max_samples,
+        "captioning": e.caption_samples,
+        "qa": e.qa_samples,
+        "grounding": e.max_samples,
+    }
     t0 = time.perf_counter()
     batches = load_batches(cfg, device, bf16, per_rank(max(sizes[t] for t in tasks)), modalities, shards)
     out: dict[str, Any] = {"eval/load_seconds": time.perf_counter() - t0}
@@ -148,6 +154,8 @@ def run_evaluation(
                     use_cache=e.use_cache,
                 )
                 res = evaluate_captioning(model, part, tokenizer, opts, progress=progress)
+            elif task == "grounding":
+                res = evaluate_grounding(model, part, cfg.objectives.mask_ratio, seed=cfg.train.seed)
             else:
                 opts = DecodeOptions(
                     num_beams=e.num_beams,
@@ -192,6 +200,13 @@ def format_results(res: dict[str, Any]) -> str:
         )
         for ex in res.get("captioning/examples", [])[:2]:
             lines.append(f"  generated: {ex['generated']!r}\n  reference: {ex['reference']!r}")
+    if "grounding/gen_loss_own" in res:
+        lines.append(
+            f"grounding: {int(res['grounding/n'])} items  generation loss with their own context "
+            f"{res['grounding/gen_loss_own']:.3f}, with another item's {res['grounding/gen_loss_other']:.3f} "
+            f"(gain {res['grounding/gen_gain']:.3f} nats)  matching prefers the own context for "
+            f"{100 * res['grounding/match_pairwise_acc']:.1f}% (chance 50%)"
+        )
     if "qa/accuracy" in res:
         per = "  ".join(
             f"{k.split('accuracy_', 1)[1]} {v:.1f}" for k, v in res.items() if k.startswith("qa/accuracy_")
