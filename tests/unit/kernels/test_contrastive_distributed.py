@@ -104,4 +104,7 @@ def test_two_gloo_ranks_match_cliploss_and_the_global_gradient(tmp_path, request
                     torch.testing.assert_close(o, c, atol=atol, rtol=1e-5, msg=msg)
                     torch.testing.assert_close(o.double(), e, atol=atol, rtol=1e-5, msg=msg)
         # The ranks' losses differ (each rank owns different rows): the comparison is not vacuous.
-        assert per_rank[0]["cases"][i]["torch"][0] != per_rank[1]["cases"][i]["torch"][0]
+        # Checked on the largest case: with one or five rows a rank's fp32 loss can round to exactly
+        # 0 on both ranks when s (up to 100) times the positive's margin passes ~17.
+        if b == max(c[0] for c in CASES):
+            assert per_rank[0]["cases"][i]["torch"][0] != per_rank[1]["cases"][i]["torch"][0]
