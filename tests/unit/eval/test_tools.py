@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mico_ds.config import config_from_dict
+from mico_ds.config import config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -57,8 +57,11 @@ def test_ablation_variants_are_valid_recipes(vid: str) -> None:
     args = argparse.Namespace(data_root="data/demo", batch_size=16, steps=120, log_every=5, seed=0,
                               rerank_k=16, caption_samples=64, qa_samples=32)  # fmt: skip
     cfg = config_from_dict(ablate.variant_recipe(vid, args))
-    _, _, mods, weights = ablate.VARIANTS[vid]
+    _, _, mods, on = ablate.VARIANTS[vid]
     assert cfg.data.corpora[0].modalities == mods == cfg.data.val_modalities
-    o = cfg.objectives
-    assert (o.contrastive_weight, o.matching_weight, o.generation_weight) == weights
+    o, demo = cfg.objectives, load_config("demo").objectives  # a term that is on keeps the demo's weight
+    want = (demo.contrastive_weight, demo.matching_weight, demo.generation_weight)
+    assert (o.contrastive_weight, o.matching_weight, o.generation_weight) == tuple(
+        w * x for w, x in zip(want, on)
+    )
     assert cfg.train.max_steps == 120 and cfg.train.seed == 0 and cfg.eval.num_beams == 3
