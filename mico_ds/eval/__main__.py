@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out).write_text(json.dumps(res, indent=1))
             print(f"results: {args.out}")
     mdist.barrier()
+    mdist.destroy()  # before exit, not in Gloo's thread teardown (see mico_ds.train.__main__)
     return 0
 
 

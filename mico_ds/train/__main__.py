@@ -116,12 +116,19 @@ def main(argv: list[str] | None = None) -> int:
         cfg, Path(args.run_dir), resume=args.resume, allow_config_change=args.allow_config_change
     )
     try:
-        return trainer.fit()
+        code = trainer.fit()
     except Exception as e:
         trainer.report_failure(e)  # names this rank and any peer it sees dead, before the traceback
         raise
     finally:
         trainer.close()
+    # A process that exits with its process group alive can abort in Gloo's worker-thread teardown
+    # ("terminate called without an active exception", pytorch/pytorch#190489); on a clean exit,
+    # shut it down first. After a failure it is left alone: the exit code already says what happened.
+    from mico_ds import distributed as mdist
+
+    mdist.destroy()
+    return code
 
 
 if __name__ == "__main__":
