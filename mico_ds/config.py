@@ -396,6 +396,16 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, (yaml.safe_load(raw) if raw != "" else "")
 
 
+def parse_args_and_overrides(p: Any, argv: list[str]) -> tuple[Any, list[str]]:
+    """``p.parse_known_args(argv)`` where everything left over must be a ``--section.key=value``
+    override; anything else is an argparse error. ``p``: an ``argparse.ArgumentParser``."""
+    args, rest = p.parse_known_args(argv)
+    bad = [a for a in rest if not a.startswith("--") or "=" not in a]
+    if bad:
+        p.error(f"unrecognized arguments {bad}; config overrides look like --section.key=value")
+    return args, rest
+
+
 def load_config(recipe: str, overrides: list[str] | None = None) -> RunConfig:
     """Load a recipe (name or path), apply dotted overrides, validate strictly."""
     path = find_recipe(recipe)

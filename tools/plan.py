@@ -624,10 +624,10 @@ def measure_worker(args: argparse.Namespace, overrides: list[str]) -> None:
 
     from mico_ds import distributed as mdist
     from mico_ds.config import load_config
+    from mico_ds.data.pipeline import to_device
     from mico_ds.models.mico import MiCoModel
     from mico_ds.train import data as tdata
     from mico_ds.train.engine import build_engine, init_distributed
-    from mico_ds.train.loop import to_device
 
     cfg = load_config(args.recipe, overrides)
     set_batch(cfg, args.batch)

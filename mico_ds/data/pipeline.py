@@ -429,6 +429,19 @@ def collate(samples: list[dict], modalities: Sequence[str], inputs: InputConfig)
     return batch
 
 
+def to_device(batch: dict[str, Any], device: torch.device | str, bf16: bool) -> dict[str, Any]:
+    """A collated batch's tensors to ``device`` (floating ones to bf16 when asked); lists and strings
+    as they are."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if bf16 and v.is_floating_point():
+                v = v.to(torch.bfloat16)
+        out[k] = v
+    return out
+
+
 def eval_extras(item: dict, fields: dict[str, str]) -> dict:
     """Evaluation-only fields of a raw sample (schema: ``eval_texts``, ``qa``).
 

@@ -29,7 +29,14 @@ from typing import Any
 
 import yaml
 
-from mico_ds.config import EVAL_TASKS, RunConfig, config_from_dict, parse_override, to_dict
+from mico_ds.config import (
+    EVAL_TASKS,
+    RunConfig,
+    config_from_dict,
+    parse_args_and_overrides,
+    parse_override,
+    to_dict,
+)
 
 log = logging.getLogger("mico_ds")
 STATE_DICT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -64,11 +71,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--out", default=None, help="write the results as JSON to this file (rank 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
-    args, rest = p.parse_known_args(argv)
-    bad = [a for a in rest if not a.startswith("--") or "=" not in a]
-    if bad:
-        p.error(f"unrecognized arguments {bad}; config overrides look like --section.key=value")
-    return args, rest
+    return parse_args_and_overrides(p, argv)
 
 
 # ----------------------------------------------------------------------------- locating things

@@ -18,20 +18,9 @@ import torch
 from mico_ds import distributed as mdist
 from mico_ds.config import EVAL_TASKS, RunConfig
 from mico_ds.data import schema
+from mico_ds.data.pipeline import to_device
 
 log = logging.getLogger("mico_ds")
-
-
-def to_device(batch: dict[str, Any], device: torch.device | str, bf16: bool) -> dict[str, Any]:
-    """Tensors to ``device`` (floating ones to bf16 when asked); lists and strings as they are."""
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(device, non_blocking=True)
-            if bf16 and v.is_floating_point():
-                v = v.to(torch.bfloat16)
-        out[k] = v
-    return out
 
 
 def per_rank(n: int) -> int:

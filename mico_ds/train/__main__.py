@@ -28,7 +28,7 @@ import time
 import warnings
 from pathlib import Path
 
-from mico_ds.config import help_text, list_recipes, load_config
+from mico_ds.config import help_text, list_recipes, load_config, parse_args_and_overrides
 
 
 def free_port() -> int:
@@ -60,11 +60,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     p.add_argument("--help-config", action="store_true", help="list every config key and exit")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
-    args, rest = p.parse_known_args(argv)
-    bad = [a for a in rest if not a.startswith("--") or "=" not in a]
-    if bad:
-        p.error(f"unrecognized arguments {bad}; config overrides look like --section.key=value")
-    return args, rest
+    return parse_args_and_overrides(p, argv)
 
 
 def self_launch(args: argparse.Namespace, overrides: list[str], nproc: int) -> int:

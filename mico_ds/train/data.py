@@ -60,7 +60,7 @@ def eval_batches(
     ZeRO-3 gathers parameters collectively, so every rank must run the same number of forward passes:
     ranks with fewer batches repeat their last one with ``valid`` all False.
     """
-    from mico_ds.train.loop import to_device
+    from mico_ds.data.pipeline import to_device
 
     loader = build_eval_loader(cfg, str(tokenizer_path(cfg)))
     batches = []

@@ -16,6 +16,7 @@ import yaml
 
 from mico_ds import distributed as mdist
 from mico_ds.config import RunConfig, config_from_dict, to_dict
+from mico_ds.data.pipeline import to_device
 from mico_ds.train import checkpoint as ckpt
 from mico_ds.train import data as tdata
 from mico_ds.train import health
@@ -46,17 +47,6 @@ def _get(d: dict, dotted: str) -> Any:
     for p in dotted.split("."):
         d = d[p]
     return d
-
-
-def to_device(batch: dict[str, Any], device: torch.device, bf16: bool) -> dict[str, Any]:
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(device, non_blocking=True)
-            if bf16 and v.is_floating_point():
-                v = v.to(torch.bfloat16)
-        out[k] = v
-    return out
 
 
 class Trainer:
