@@ -376,15 +376,30 @@ def list_recipes() -> list[str]:
 
 
 def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in nested dicts; an integer part indexes a list (``data.corpora.0.weight``)."""
     parts = dotted.split(".")
-    cur = d
-    for p in parts[:-1]:
-        if not isinstance(cur.get(p), dict):
-            cur[p] = {} if cur.get(p) is None else cur[p]
-            if not isinstance(cur[p], dict):
-                raise ValueError(f"override {dotted}: {p} is not a section")
+    cur: Any = d
+    for i, p in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(cur, list):
+            if not p.isdigit() or int(p) >= len(cur):
+                raise ValueError(
+                    f"override {dotted}: {'.'.join(parts[:i])} is a list of {len(cur)}, "
+                    f"{p!r} is not an index into it"
+                )
+            if last:
+                cur[int(p)] = value
+                return
+            cur = cur[int(p)]
+            continue
+        if last:
+            cur[p] = value
+            return
+        if cur.get(p) is None:
+            cur[p] = {}
+        if not isinstance(cur[p], (dict, list)):
+            raise ValueError(f"override {dotted}: {p} is not a section")
         cur = cur[p]
-    cur[parts[-1]] = value
 
 
 def parse_override(text: str) -> tuple[str, Any]:

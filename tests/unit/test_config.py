@@ -56,6 +56,19 @@ def test_overrides_are_typed():
         load_config("debug", ["train.max_steps=many"])
 
 
+def test_an_integer_part_of_an_override_indexes_a_list():
+    base = load_config("demo")
+    cfg = load_config("demo", ["--data.corpora.4.weight=1", "--data.corpora.0.batch_size=8"])
+    assert [c.name for c in cfg.data.corpora] == [c.name for c in base.data.corpora]
+    assert cfg.data.corpora[4].name == "joined" and cfg.data.corpora[4].weight == 1.0
+    assert cfg.data.corpora[0].batch_size == 8 and base.data.corpora[0].batch_size != 8
+    for bad in ("data.corpora.5.weight=1", "data.corpora.joined.weight=1"):
+        with pytest.raises(ValueError, match=r"data\.corpora is a list of 5"):
+            load_config("demo", [bad])
+    with pytest.raises(ValueError, match="unknown"):  # the keys under an index are still checked
+        load_config("demo", ["data.corpora.0.wieght=1"])
+
+
 def test_bad_modality_and_join_are_rejected():
     with pytest.raises(ValueError, match="unknown"):
         config_from_dict({"data": {"corpora": [{"name": "a", "modalities": ["smell"]}]}})
