@@ -24,6 +24,8 @@ _spec.loader.exec_module(hostfile)
 
 FAKE = """
 import os, signal, sys, time
+# Python installs this at start-up unless SIGINT came in ignored (a background job of a script): be explicit.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # inherited from node-run until the trainer is ready
 print("started", flush=True)
 sys.stdin.readline()
@@ -67,7 +69,7 @@ def _go(p: subprocess.Popen) -> int:
 def test_catches_reads_the_handler_of_a_live_process(fake_trainer):
     p, _ = fake_trainer
     assert not hostfile.catches(p.pid, signal.SIGUSR1), "SIG_IGN is not a handler"
-    assert hostfile.catches(p.pid, signal.SIGINT), "Python's own SIGINT handler"
+    assert hostfile.catches(p.pid, signal.SIGINT), "a Python handler"
     assert not hostfile.catches(p.pid, signal.SIGUSR2)
     worker = _go(p)
     assert hostfile.catches(p.pid, signal.SIGUSR1), "handler installed"

@@ -172,7 +172,8 @@ def test_joined_corpus_validates_modalities(demo: Path) -> None:
 
 
 def test_build_loaders_from_the_demo_recipe(demo: Path) -> None:
-    cfg = demo_cfg(demo)
+    assert set(build_train_loader(demo_cfg(demo), rank=0, world_size=1).loaders) == {"omni"}  # as shipped
+    cfg = demo_cfg(demo, "data.corpora.4.weight=1")  # the joined corpus on
     mix = build_train_loader(cfg, rank=0, world_size=1)
     assert set(mix.loaders) == {"omni", "joined"}  # weight-0 single-pair corpora only feed the join
     assert isinstance(mix.loaders["omni"], CorpusLoader)
