@@ -245,7 +245,7 @@ class SlurmCluster:
             out.append(f"--- {f.name}\n{f.read_text(errors='replace')[-tail:]}")
         return "\n".join(out)
 
-    def _job_steps(self) -> list[int]:
+    def job_steps(self) -> list[int]:
         """slurmstepd processes started by our slurmd (they outlive it if it is killed first)."""
         pids = []
         for p in Path("/proc").iterdir():
@@ -283,7 +283,7 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(timeout=10)
-        for pid in self._job_steps():
+        for pid in self.job_steps():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
