@@ -46,15 +46,6 @@ LOGIT_SCALE = 1 / 0.07  # CLIP's initial temperature
 # Contrastive loss: one case (run in a subprocess on CPU)
 
 
-def _proc_status(key: str) -> int:
-    """Bytes of a /proc/self/status field (VmRSS, VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
 def _contrastive_fn(impl: str, tile: int):
     if impl == "clip":
         from open_clip.loss import ClipLoss
@@ -81,14 +72,15 @@ def contrastive_case(impl: str, n: int, dim: int, tile: int, device: str, repeat
 
     out: dict[str, Any] = {"impl": impl, "n": n, "dim": dim, "tile": tile, "device": device}
     if device == "cpu":
+        from mico_ds.train.metrics import proc_status_bytes, reset_peak_rss
+
         gc.collect()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current resident set
-        base = _proc_status("VmRSS")
+        reset_peak_rss()
+        base = proc_status_bytes("VmRSS")
         t0 = time.perf_counter()
         out["loss"] = step()
         out["time_first_s"] = time.perf_counter() - t0
-        out["peak_extra_bytes"] = _proc_status("VmHWM") - base
+        out["peak_extra_bytes"] = proc_status_bytes("VmHWM") - base
         times = [out["time_first_s"]]
         for _ in range(repeats):
             t0 = time.perf_counter()

@@ -46,14 +46,6 @@ STAGE_CONFIGS = {0: "zero0_cpu.json", 2: "zero2_cpu.json", 3: "zero3_cpu.json"}
 # ----------------------------------------------------------------------------- inside a rank
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
 def _tensor_bytes(t: Any) -> int:
     import torch
 
@@ -91,13 +83,13 @@ def worker(args: argparse.Namespace) -> int:
     from mico_ds import distributed as mdist
     from mico_ds.config import load_config
     from mico_ds.train.loop import Trainer
+    from mico_ds.train.metrics import proc_status_bytes, reset_peak_rss
 
     cfg = load_config(args.recipe, args.override)
     cfg.train.progress = False
     # Reset the high-water mark here: what follows (data, engine, training) is what is measured.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status("VmRSS")
+    reset_peak_rss()
+    base = proc_status_bytes("VmRSS")
     trainer = Trainer(cfg, Path(args.run_dir))
     try:
         for _ in range(args.warmup):
@@ -115,7 +107,7 @@ def worker(args: argparse.Namespace) -> int:
             "samples_per_s": n * mdist.get_world_size() / dt,
             "seconds_per_step": dt / args.steps,
             "rss_before_bytes": base,
-            "peak_rss_delta_bytes": _status("VmHWM") - base,
+            "peak_rss_delta_bytes": proc_status_bytes("VmHWM") - base,
             "threads": torch.get_num_threads(),
             **memory_report(trainer.engine),
         }

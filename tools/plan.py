@@ -603,21 +603,6 @@ def set_batch(cfg: Any, batch: int | None) -> None:
             c.batch_size = batch
 
 
-def _status(key: str) -> int:
-    """A /proc/self/status figure in bytes (VmRSS: resident now; VmHWM: peak since the last reset)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    """Reset VmHWM to the current RSS (Linux clear_refs 5; the method of tools/bench_train.py)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def measure_worker(args: argparse.Namespace, overrides: list[str]) -> None:
     """One rank of a validation run: RSS before the engine, after it, and the peak over a few steps."""
     import torch
@@ -628,6 +613,7 @@ def measure_worker(args: argparse.Namespace, overrides: list[str]) -> None:
     from mico_ds.models.mico import MiCoModel
     from mico_ds.train import data as tdata
     from mico_ds.train.engine import build_engine, init_distributed
+    from mico_ds.train.metrics import proc_status_bytes, reset_peak_rss
 
     cfg = load_config(args.recipe, overrides)
     set_batch(cfg, args.batch)
@@ -637,10 +623,10 @@ def measure_worker(args: argparse.Namespace, overrides: list[str]) -> None:
     loader = tdata.build_train_data(cfg, tok)
     batches = [next(loader) for _ in range(args.steps)]
     loader.close()
-    _reset_peak()  # what follows (engine, steps) is what is measured
-    rss0 = _status("VmRSS")
+    reset_peak_rss()  # what follows (engine, steps) is what is measured
+    rss0 = proc_status_bytes("VmRSS")
     engine, _ = build_engine(cfg, lambda: MiCoModel(cfg, tok.special))
-    rss_engine = _status("VmRSS")
+    rss_engine = proc_status_bytes("VmRSS")
     times = []
     for i, batch in enumerate(batches):
         t0 = time.perf_counter()
@@ -649,8 +635,8 @@ def measure_worker(args: argparse.Namespace, overrides: list[str]) -> None:
         engine.backward(losses["loss"])
         engine.step()
         times.append(time.perf_counter() - t0)
-    rss_end = _status("VmRSS")
-    peak = _status("VmHWM")
+    rss_end = proc_status_bytes("VmRSS")
+    peak = proc_status_bytes("VmHWM")
     out = {"rank": mdist.get_rank(), "baseline": rss0, "after_engine": rss_engine - rss0,
            "after_steps": rss_end - rss0, "peak": peak - rss0, "step_s": times}  # fmt: skip
     Path(args.out).mkdir(parents=True, exist_ok=True)
