@@ -127,7 +127,7 @@ def hostfile_text(hosts: list[str], slots: int) -> str:
 def resolved_ds_config(recipe: str, world_size: int, overrides: list[str]) -> dict:
     """The DeepSpeed JSON the trainer would use for ``recipe`` at ``world_size`` ranks."""
     from mico_ds.config import load_config
-    from mico_ds.train.engine import resolve_ds_config
+    from mico_ds.distributed.ds_config import resolve_ds_config
 
     cfg = load_config(recipe, [o for o in overrides if o.startswith("--") and "=" in o])
     return resolve_ds_config(cfg, world_size)

@@ -45,88 +45,31 @@ Exit codes: the trainer's (0 done, 99 checkpoint saved after a stop, other = fai
 EOF
 }
 
-log() { printf '[%s %s mico-launch] %s\n' "$(date +%H:%M:%S)" "$(hostname -s)" "$*" >&2; }
-die() {
-    log "error: $*"
-    exit 2
-}
-
-DRY_RUN=0
-while (($#)); do
-    case $1 in
-        -h | --help)
-            usage
-            exit 0
-            ;;
-        --dry-run)
-            DRY_RUN=1
-            shift
-            ;;
-        --)
-            shift
-            break
-            ;;
-        *) break ;;
-    esac
-done
-TRAIN_ARGS=("$@")
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=launch/lib.sh
+source "$ROOT/launch/lib.sh"
+parse_launch_options "$@"
 
 PYTHON=${PYTHON:-python3}
 TRAIN_MODULE=${MICO_TRAIN_MODULE:-mico_ds.train}
 RESTART_ON_PREEMPT=${RESTART_ON_PREEMPT:-0}
 MAX_RESTARTS=${MAX_RESTARTS:-50}
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
 HELPER=$ROOT/launch/hostfile.py
 [[ -f $HELPER && -d $ROOT/mico_ds ]] || die "cannot find the mico_ds checkout next to $0"
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 
-arg_value() { # arg_value NAME ARGS...: value of --NAME V / --NAME=V, empty if absent
-    local name=$1
-    shift
-    while (($#)); do
-        case $1 in
-            "--$name")
-                echo "${2:-}"
-                return 0
-                ;;
-            "--$name="*)
-                echo "${1#*=}"
-                return 0
-                ;;
-        esac
-        shift
-    done
-}
-without_resume() { # TRAIN ARGS minus --resume X / --resume=X, into the array BASE_ARGS
-    BASE_ARGS=()
-    while (($#)); do
-        case $1 in
-            --resume) shift ;;
-            --resume=*) ;;
-            *) BASE_ARGS+=("$1") ;;
-        esac
-        shift
-    done
-}
 RECIPE=$(arg_value recipe ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})
 RECIPE=${RECIPE:-demo}
 RUN_DIR=$(arg_value run-dir ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})
 [[ -n $RUN_DIR ]] || die "pass --run-dir DIR: the directory a restart resumes from"
 USER_RESUME=$(arg_value resume ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})
 
-gpu_count() {
-    local n=0
-    if command -v nvidia-smi >/dev/null; then
-        n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-    fi
-    echo "${n:-0}"
-}
 if [[ -n ${CPU_RANKS:-} ]]; then
     NPROC=$CPU_RANKS DEVICE="CPU ranks"
 elif [[ -n ${GPUS:-} ]]; then
     NPROC=$GPUS DEVICE="GPUs"
-elif (($(gpu_count) > 0)); then
-    NPROC=$(gpu_count) DEVICE="GPUs"
+elif (($(nvidia_gpus) > 0)); then
+    NPROC=$(nvidia_gpus) DEVICE="GPUs"
 else
     NPROC=2 DEVICE="CPU ranks"
 fi
@@ -155,19 +98,13 @@ build_args() { # ARGS for attempt $1: a restart always resumes from latest
         ARGS+=(--resume latest)
     fi
 }
-quoted() { printf '%q ' "$@" | sed 's/ $//'; }
-
 if ((DRY_RUN)); then
     build_args 0
     echo "== launch ($NPROC $DEVICE, rendezvous $MASTER_ADDR:$MASTER_PORT) =="
     quoted "$PYTHON" -u "$HELPER" node-run --setsid -- "${DS[@]}" ${ARGS[@]+"${ARGS[@]}"}
     echo
     echo "== deepspeed config (recipe $RECIPE, world size $NPROC) =="
-    overrides=()
-    for a in ${ARGS[@]+"${ARGS[@]}"}; do
-        [[ $a == --*.*=* ]] && overrides+=("$a")
-    done
-    "$PYTHON" "$HELPER" ds-config --recipe "$RECIPE" --world-size "$NPROC" ${overrides[@]+"${overrides[@]}"}
+    print_ds_config "$HELPER" "$PYTHON" "$RECIPE" "$NPROC" ${ARGS[@]+"${ARGS[@]}"}
     exit 0
 fi
 
@@ -199,19 +136,8 @@ while :; do
     # reaches only this script, which asks for a clean stop.
     "${CMD[@]}" &
     PID=$!
-    while :; do
-        rc=0
-        wait "$PID" || rc=$?
-        if ((rc > 128)) && kill -0 "$PID" 2>/dev/null; then
-            continue # `wait` was interrupted by a trapped signal
-        fi
-        break
-    done
-    if ((rc > 128)); then
-        rc2=0
-        wait "$PID" 2>/dev/null || rc2=$?
-        ((rc2 == 127)) || rc=$rc2
-    fi
+    wait_launch "$PID"
+    rc=$LAUNCH_RC
     PID=""
     if ((rc != 99)); then
         log "ranks exited with code $rc"

@@ -68,44 +68,7 @@ usage error.
 EOF
 }
 
-log() { printf '[%s %s mico-launch] %s\n' "$(date +%H:%M:%S)" "$(hostname -s)" "$*" >&2; }
-die() {
-    log "error: $*"
-    exit 2
-}
-is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
-
-# ------------------------------------------------------------------ options
-DRY_RUN=0
-while (($#)); do
-    case $1 in
-        -h | --help)
-            usage
-            exit 0
-            ;;
-        --dry-run)
-            DRY_RUN=1
-            shift
-            ;;
-        --)
-            shift
-            break
-            ;;
-        *) break ;;
-    esac
-done
-TRAIN_ARGS=("$@")
-
-PYTHON=${PYTHON:-python3}
-LAUNCHER=${LAUNCHER:-srun}
-REQUEUE_ON_PREEMPT=${REQUEUE_ON_PREEMPT:-1}
-REQUEUE_ON_TERM=${REQUEUE_ON_TERM:-0}
-MAX_RESTARTS=${MAX_RESTARTS:-50}
-FORWARD_ENV=${FORWARD_ENV:-NCCL_ MICO_ PYTHONPATH CUDA_ TORCH_ OMP_ HF_ TRANSFORMERS_ TRITON_ GLOO_ FI_ UCX_ LD_LIBRARY_PATH PATH}
-TRAIN_MODULE=${MICO_TRAIN_MODULE:-mico_ds.train}
-JOB_ID=${SLURM_JOB_ID:-0}
-[[ $LAUNCHER == srun || $LAUNCHER == pdsh ]] || die "LAUNCHER must be srun or pdsh, got '$LAUNCHER'"
-
+# ------------------------------------------------------------------ the checkout, the options
 # Under sbatch $0 is a copy in slurmd's spool directory, so the checkout is looked for elsewhere too.
 find_root() {
     local c cmd
@@ -122,28 +85,28 @@ find_root() {
     done
     return 1
 }
-ROOT=$(find_root) || die "cannot find the mico_ds checkout (launch/hostfile.py): set MICO_ROOT"
+if ! ROOT=$(find_root); then
+    echo "slurm_pretrain.sh: error: cannot find the mico_ds checkout (launch/hostfile.py): set MICO_ROOT" >&2
+    exit 2
+fi
+# shellcheck source=launch/lib.sh
+source "$ROOT/launch/lib.sh"
+parse_launch_options "$@"
+
+PYTHON=${PYTHON:-python3}
+LAUNCHER=${LAUNCHER:-srun}
+REQUEUE_ON_PREEMPT=${REQUEUE_ON_PREEMPT:-1}
+REQUEUE_ON_TERM=${REQUEUE_ON_TERM:-0}
+MAX_RESTARTS=${MAX_RESTARTS:-50}
+FORWARD_ENV=${FORWARD_ENV:-NCCL_ MICO_ PYTHONPATH CUDA_ TORCH_ OMP_ HF_ TRANSFORMERS_ TRITON_ GLOO_ FI_ UCX_ LD_LIBRARY_PATH PATH}
+TRAIN_MODULE=${MICO_TRAIN_MODULE:-mico_ds.train}
+JOB_ID=${SLURM_JOB_ID:-0}
+
+[[ $LAUNCHER == srun || $LAUNCHER == pdsh ]] || die "LAUNCHER must be srun or pdsh, got '$LAUNCHER'"
 HELPER=$ROOT/launch/hostfile.py
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 
 # ------------------------------------------------------------------ trainer arguments
-arg_value() { # arg_value NAME ARGS...: value of --NAME V / --NAME=V, empty if absent
-    local name=$1
-    shift
-    while (($#)); do
-        case $1 in
-            "--$name")
-                echo "${2:-}"
-                return 0
-                ;;
-            "--$name="*)
-                echo "${1#*=}"
-                return 0
-                ;;
-        esac
-        shift
-    done
-}
 RECIPE=$(arg_value recipe ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})
 RECIPE=${RECIPE:-demo} # the trainer's default
 RUN_DIR=$(arg_value run-dir ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})
@@ -179,7 +142,7 @@ detect_gpus() {
         echo "$SLURM_GPUS_ON_NODE"
     elif [[ -n ${SLURM_GPUS_PER_NODE:-} ]]; then
         echo "${SLURM_GPUS_PER_NODE##*:}" # "a100:8" -> 8
-    elif command -v nvidia-smi >/dev/null && n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU') && ((n > 0)); then
+    elif n=$(nvidia_gpus) && ((n > 0)); then
         echo "$n"
     else
         echo 1
@@ -229,8 +192,6 @@ forwarded_env() { # the NAME=VALUE lines LAUNCHER=pdsh writes to DS_ENV_FILE
     done < <(compgen -e | sort)
 }
 
-quoted() { printf '%q ' "$@" | sed 's/ $//'; }
-
 if ((DRY_RUN)); then
     echo "== hostfile $HOSTFILE ($NNODES nodes x $SLOTS $DEVICE = world size $WORLD_SIZE) =="
     "$PYTHON" "$HELPER" hostfile "$NODELIST" --slots "$SLOTS"
@@ -252,11 +213,7 @@ if ((DRY_RUN)); then
         forwarded_env | cut -c1-200
     fi
     echo "== deepspeed config (recipe $RECIPE, world size $WORLD_SIZE) =="
-    overrides=()
-    for a in ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}; do
-        [[ $a == --*.*=* ]] && overrides+=("$a")
-    done
-    "$PYTHON" "$HELPER" ds-config --recipe "$RECIPE" --world-size "$WORLD_SIZE" ${overrides[@]+"${overrides[@]}"}
+    print_ds_config "$HELPER" "$PYTHON" "$RECIPE" "$WORLD_SIZE" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}
     exit 0
 fi
 
@@ -305,19 +262,8 @@ trap 'on_signal TERM' TERM
 "${LAUNCH[@]}" &
 LAUNCH_PID=$!
 [[ -z $STOP_SIGNAL ]] || stop_ranks # a signal that came before the launch
-while :; do
-    rc=0
-    wait "$LAUNCH_PID" || rc=$?
-    if ((rc > 128)) && kill -0 "$LAUNCH_PID" 2>/dev/null; then
-        continue # `wait` was interrupted by a trapped signal; the launch is still running
-    fi
-    break
-done
-if ((rc > 128)); then # interrupted just as it ended: collect the real status
-    rc2=0
-    wait "$LAUNCH_PID" 2>/dev/null || rc2=$?
-    ((rc2 == 127)) || rc=$rc2
-fi
+wait_launch "$LAUNCH_PID"
+rc=$LAUNCH_RC
 LAUNCH_PID=""
 
 if ((rc == 0)); then

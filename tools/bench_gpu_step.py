@@ -25,7 +25,6 @@ the figures only show that the script runs.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -34,10 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-
-import torch  # noqa: E402
+import torch
 
 TINYLLAMA = [
     "model.text.hidden_size=2048", "model.text.num_layers=22", "model.text.num_heads=32",
@@ -94,18 +90,16 @@ def synthetic_batch(
 
 
 def planner():
-    spec = importlib.util.spec_from_file_location("mico_plan", ROOT / "tools" / "plan.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    from mico_ds import planner as mod
+
     return mod
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from mico_ds.config import load_config
     from mico_ds.data.schema import SpecialTokens
+    from mico_ds.distributed.engine import build_engine, init_distributed
     from mico_ds.models.mico import MiCoModel
-    from mico_ds.train.engine import build_engine, init_distributed
     from mico_ds.train.metrics import train_flops_per_sample
 
     recipe, slice_ov = SLICES[args.slice]
@@ -119,7 +113,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     mods = list(corpus.modalities)
     vocab = 32002
     special = SpecialTokens(vocab_size=vocab, pad_id=vocab - 2, bos_id=1, eos_id=2, mask_id=vocab - 1)
-    init_distributed(cfg)
+    init_distributed(cfg.train.dist_timeout_s)
     bf16 = cuda
     peak_name = torch.cuda.get_device_name() if cuda else "cpu"
     datasheet = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in peak_name), None)
@@ -134,7 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             c.batch_size = b
         try:
             torch.manual_seed(0)
-            engine, ds = build_engine(cfg, lambda: MiCoModel(cfg, special))
+            engine, ds = build_engine(cfg, lambda: MiCoModel.from_run_config(cfg, special))
             rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -143,7 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 batch = synthetic_batch(cfg, mods, b, vocab, device, bf16)
                 sync(device)
                 t0 = time.perf_counter()
-                losses, _ = engine({**batch, "step": step})
+                losses, _ = engine(batch, step=step)
                 engine.backward(losses["loss"])
                 engine.step()
                 sync(device)

@@ -33,10 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 GIB = 2**30
 LOGIT_SCALE = 1 / 0.07  # CLIP's initial temperature
@@ -72,7 +70,7 @@ def contrastive_case(impl: str, n: int, dim: int, tile: int, device: str, repeat
 
     out: dict[str, Any] = {"impl": impl, "n": n, "dim": dim, "tile": tile, "device": device}
     if device == "cpu":
-        from mico_ds.train.metrics import proc_status_bytes, reset_peak_rss
+        from mico_ds.memory import proc_status_bytes, reset_peak_rss
 
         gc.collect()
         reset_peak_rss()

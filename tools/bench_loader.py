@@ -15,8 +15,8 @@ Both deliver what the model consumes (normalized float tensors + token ids). Aud
     python tools/bench_loader.py --only image --json out.json
 
 Benchmark shards are generated once under --data (photo-like JPEGs of 256-512 px, 10 s 16 kHz FLAC,
-5 s 25 fps 320x240 H.264 MP4 + 8 pre-extracted 320x240 JPEG frames) with mico_ds.data.media and
-mico_ds.data.shards. Timings exclude a warm-up of a few batches (worker start, imports).
+5 s 25 fps 320x240 H.264 MP4 + 8 pre-extracted 320x240 JPEG frames) with mico_ds.data.write.media and
+mico_ds.data.write.tar. Timings exclude a warm-up of a few batches (worker start, imports).
 """
 
 from __future__ import annotations
@@ -30,14 +30,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from mico_ds.config import CorpusConfig, DataConfig, InputConfig  # noqa: E402
-from mico_ds.data import schema  # noqa: E402
-from mico_ds.data.pipeline import CorpusLoader, resolve_tokenizer  # noqa: E402
+from mico_ds.config import CorpusConfig, DataConfig, InputConfig
+from mico_ds.data import schema
+from mico_ds.data.read.loader import CorpusLoader
+from mico_ds.data.tokenizer import resolve_tokenizer
 
 WORDS = (
     "a", "the", "dog", "cat", "man", "woman", "child", "car", "street", "tree", "house", "river",
@@ -68,7 +67,7 @@ def caption(rng: np.random.Generator) -> str:
 
 
 def _write(out: Path, prefix: str, samples: list[tuple[str, dict[str, bytes]]], per_shard: int) -> None:
-    from mico_ds.data.shards import write_sizes, write_tar
+    from mico_ds.data.write.tar import write_sizes, write_tar
 
     out.mkdir(parents=True, exist_ok=True)
     sizes = {}
@@ -80,8 +79,8 @@ def _write(out: Path, prefix: str, samples: list[tuple[str, dict[str, bytes]]], 
 
 def make_bench_shards(root: Path, n_image: int, n_audio: int, n_video: int) -> None:
     """Generate the benchmark shards (once; a marker file records the parameters)."""
-    from mico_ds.data import media
     from mico_ds.data.tokenizer import train_sentencepiece
+    from mico_ds.data.write import media
 
     marker = root / "bench.json"
     params = {"version": BENCH_VERSION, "image": n_image, "audio": n_audio, "video": n_video}

@@ -37,8 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
+from mico_ds.distributed.ds_config import find_ds_config
+from mico_ds.distributed.launch import free_port
 
 STAGE_CONFIGS = {0: "zero0_cpu.json", 2: "zero2_cpu.json", 3: "zero3_cpu.json"}
 
@@ -82,8 +82,8 @@ def worker(args: argparse.Namespace) -> int:
 
     from mico_ds import distributed as mdist
     from mico_ds.config import load_config
+    from mico_ds.memory import proc_status_bytes, reset_peak_rss
     from mico_ds.train.loop import Trainer
-    from mico_ds.train.metrics import proc_status_bytes, reset_peak_rss
 
     cfg = load_config(args.recipe, args.override)
     cfg.train.progress = False
@@ -122,14 +122,6 @@ def worker(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- the driver
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_case(args: argparse.Namespace, name: str, ds_config: str, tmp: Path) -> dict[str, Any]:
     out, run_dir = tmp / f"{name}.json", tmp / f"run-{name}"
     data = Path(args.data)
@@ -143,14 +135,13 @@ def run_case(args: argparse.Namespace, name: str, ds_config: str, tmp: Path) -> 
     ]
     cmd = [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc),
-        "--master_port", str(_free_port()), "--no_local_rank", str(Path(__file__).resolve()), "_worker",
+        "--master_port", str(free_port()), "--no_local_rank", str(Path(__file__).resolve()), "_worker",
         "--recipe", args.recipe, "--run-dir", str(run_dir), "--out", str(out),
         "--steps", str(args.steps), "--warmup", str(args.warmup),
         *[f"--override={o}" for o in overrides],
     ]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0 or not out.exists():
         tail = (p.stderr or p.stdout)[-3000:]
         raise SystemExit(f"bench_train: case {name} failed (exit {p.returncode}):\n{tail}")
@@ -219,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         for stage in args.stages:
             cases.append(run_case(args, f"zero{stage}", STAGE_CONFIGS[stage], tmp))
             if stage == 3:
-                ds = json.loads((REPO / "ds_configs" / STAGE_CONFIGS[3]).read_text())
+                ds = json.loads(find_ds_config(STAGE_CONFIGS[3]).read_text())
                 ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
                 path = tmp / "zero3_no_persistence.json"
                 path.write_text(json.dumps(ds))

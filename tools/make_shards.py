@@ -1,78 +1,9 @@
 #!/usr/bin/env python
-"""Turn a raw-media manifest (JSON lines) into WebDataset tar shards + sizes.json.
+"""Runs mico_ds.cli.make_shards (after pip install also the console script mico-make-shards)."""
 
-    python tools/make_shards.py --manifest raw/manifest.jsonl --out data/mycorpus --prefix mycorpus
-    python tools/make_shards.py --manifest m.jsonl --out shards --samples-per-shard 500 \\
-        --max-shard-bytes 1G --derive-normals
-
-Manifest line (paths relative to the manifest; every field but key optional):
-  {"key": "clip0001", "image": "img/1.jpg", "video": "vid/1.mp4", "audio": "aud/1.flac",
-   "depth": "depth/1.png", "normal": "normal/1.png",
-   "captions": {"vision": "...", "audio": "...", "subtitle": "...", "depth": "..."},
-   "category": "music", "source": "my-corpus"}
-
-Accepted media: JPEG/PNG/WebP images, MP4/WebM/GIF video, WAV/FLAC/MP3 audio, 16-bit PNG or .npy depth,
-8-bit RGB PNG normals. Each file is opened with its decoder (Pillow, PyAV, soundfile, numpy) and stored
-byte-for-byte. A missing or unreadable file stops the run with the manifest line and path (and removes
-this run's shards) unless --skip-bad. Shards are written under temporary names and renamed when
-complete. See docs/data.md.
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from mico_ds.data.shards import make_shards  # noqa: E402
-
-
-def parse_bytes(text: str) -> int:
-    """'500M', '1G', '1048576' -> bytes (binary units)."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 1048576, 500M, 1G)") from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--manifest", required=True, help="JSON-lines manifest")
-    p.add_argument("--out", required=True, help="output directory for the shards and sizes.json")
-    p.add_argument("--samples-per-shard", type=int, default=1000, help="max samples per shard (%(default)s)")
-    p.add_argument("--max-shard-bytes", type=parse_bytes, default=None, help="max shard size, e.g. 1G (none)")
-    p.add_argument("--prefix", default="corpus", help="shard name prefix: PREFIX-000000.tar (%(default)s)")
-    p.add_argument("--derive-normals", action="store_true", help="write normal.png from depth when missing")
-    p.add_argument(
-        "--depth-scale", type=float, default=1.0,
-        help="for --derive-normals: pixels per depth unit, e.g. 0.032 if 64 px span 2000 mm (%(default)s)",
-    )  # fmt: skip
-    p.add_argument("--source", default=None, help="json 'source' of lines without one (manifest name)")
-    p.add_argument("--skip-bad", action="store_true", help="skip samples with unreadable files; report them")
-    p.add_argument("--overwrite", action="store_true", help="replace existing PREFIX-*.tar shards in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    a = p.parse_args(argv)
-    try:
-        result = make_shards(
-            a.manifest, a.out, samples_per_shard=a.samples_per_shard, max_shard_bytes=a.max_shard_bytes,
-            prefix=a.prefix, derive_normals=a.derive_normals, depth_scale=a.depth_scale, source=a.source,
-            skip_bad=a.skip_bad, overwrite=a.overwrite, progress=not a.quiet,
-        )  # fmt: skip
-    except (ValueError, OSError) as e:
-        print(f"make_shards: error: {e}", file=sys.stderr)
-        return 2
-    for line, key, reason in result["skipped"]:
-        print(f"skipped line {line} ({key}): {reason}", file=sys.stderr)
-    print(
-        f"{result['num_samples']} samples in {len(result['sizes'])} shard(s) under {a.out} "
-        f"({len(result['skipped'])} skipped)"
-    )
-    return 0
-
+from mico_ds.cli.make_shards import main
 
 if __name__ == "__main__":
     sys.exit(main())

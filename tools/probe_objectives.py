@@ -18,20 +18,17 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import torch
 
-import torch  # noqa: E402
-
-from mico_ds.config import load_config  # noqa: E402
-from mico_ds.data.mixture import build_train_loader  # noqa: E402
-from mico_ds.data.tokenizer import Tokenizer  # noqa: E402
-from mico_ds.eval.grounding import evaluate_grounding  # noqa: E402
-from mico_ds.eval.runner import load_batches  # noqa: E402
-from mico_ds.models.mico import MiCoModel  # noqa: E402
-from mico_ds.train.data import prepare_data  # noqa: E402
-from mico_ds.train.engine import lr_lambda, param_groups  # noqa: E402
+from mico_ds.config import load_config
+from mico_ds.data.read.mixture import build_train_loader
+from mico_ds.data.tokenizer import Tokenizer
+from mico_ds.eval.grounding import evaluate_grounding
+from mico_ds.eval.runner import load_batches
+from mico_ds.models.mico import MiCoModel
+from mico_ds.optim import lr_lambda, param_groups
+from mico_ds.train.data import prepare_data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg.data.corpora = [corpus]
     tok: Tokenizer = prepare_data(cfg)
     torch.manual_seed(cfg.train.seed)
-    model = MiCoModel(cfg, tok.special)
-    groups = param_groups(model, cfg)
+    model = MiCoModel.from_run_config(cfg, tok.special)
+    groups = param_groups(model, cfg.optim)
     opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lr_lambda(cfg)] * len(groups))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lr_lambda(cfg.optim, cfg.train.max_steps)] * len(groups))
     data = build_train_loader(cfg, rank=0, world_size=1)
     held_out = load_batches(cfg, "cpu", False, args.eval_items, corpus.modalities)
     out = open(args.json, "w") if args.json else None  # noqa: SIM115 - closed below
@@ -84,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 out.write(json.dumps(rec) + "\n")
         if step == args.steps:
             break
-        batch = next(data)
-        batch["step"] = step
-        losses, _ = model(batch)
+        losses, _ = model(next(data), step=step)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)

@@ -1,4 +1,4 @@
-"""The data contract (DESIGN.md §4): shard member names, modality order, batch keys.
+"""The data contract (docs/architecture.md, "Data contract"): shard member names, modality order, batch keys.
 
 Every part that reads or writes shards or batches imports its names from here, so the contract
 lives in one place.
@@ -25,11 +25,14 @@ Batch legend (what ``MiCoModel.forward`` receives; B = batch, T = frames, N = au
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 # Knowledge modalities in their canonical order: the multimodal context concatenates present
 # modalities in this order, and modality ids (E_M rows) are indices into this tuple.
-MODALITIES: tuple[str, ...] = ("image", "video", "audio", "depth", "normal")
+Modality = Literal["image", "video", "audio", "depth", "normal"]
+MODALITIES: tuple[str, ...] = typing.get_args(Modality)
 MODALITY_ID: dict[str, int] = {m: i for i, m in enumerate(MODALITIES)}
 
 # Caption fields of a sample's ``json`` member, in the order they are concatenated (Eq. 2).

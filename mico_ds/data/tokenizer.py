@@ -22,12 +22,14 @@ import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mico_ds.data import schema
 
 if TYPE_CHECKING:
     import torch
+
+    from mico_ds.config import DataConfig, DemoConfig
 
 log = logging.getLogger(__name__)
 
@@ -129,14 +131,14 @@ def captions_from(source: str | Path) -> Iterator[str]:
 
     From shards: every caption field of each ``json`` member and every ``txt`` member.
     """
-    from mico_ds.data.shards import expand_shards, iter_tar_samples
+    from mico_ds.data.io import expand_urls, iter_tar_samples
 
     source = str(source)
     if source.endswith(".txt") and os.path.isfile(source):
         with open(source, encoding="utf-8") as f:
             yield from (line.rstrip("\n") for line in f)
         return
-    for shard in expand_shards(source):
+    for shard in expand_urls(source):
         for key, members in iter_tar_samples(shard):
             if schema.TXT_EXT in members:
                 yield members[schema.TXT_EXT].decode("utf-8")
@@ -262,3 +264,46 @@ class Tokenizer:
         if self.model_file is not None and not (out_dir / MODEL_FILE).exists():
             shutil.copyfile(self.model_file, out_dir / MODEL_FILE)
         return out_dir
+
+
+# ----------------------------------------------------------------------------- a run's tokenizer
+
+
+class TextTokenizer(Protocol):
+    """What the data pipeline needs of a tokenizer."""
+
+    def encode(self, texts: list[str], max_len: int) -> tuple[Any, Any]: ...
+
+
+_LOADED: dict[str, TextTokenizer] = {}
+
+
+def resolve_tokenizer(tok: str | TextTokenizer | None) -> TextTokenizer | None:
+    """A tokenizer object from a ``tokenizer.model`` path (loaded once per process) or as given."""
+    if tok is None or tok == "":
+        return None
+    if not isinstance(tok, str):
+        return tok
+    if tok not in _LOADED:
+        _LOADED[tok] = Tokenizer.from_path(tok)
+    return _LOADED[tok]
+
+
+def tokenizer_path(data: DataConfig, demo: DemoConfig) -> Path:
+    """``data.tokenizer``, or the demo corpus's own tokenizer when the recipe generates the demo."""
+    if data.tokenizer:
+        return Path(data.tokenizer)
+    if demo.generate:
+        return Path(data.root) / "tokenizer" / MODEL_FILE
+    raise ValueError(
+        "data.tokenizer is not set: point it to a SentencePiece tokenizer.model (e.g. Llama-2's)"
+    )
+
+
+def run_tokenizer(data: DataConfig, demo: DemoConfig) -> Tokenizer:
+    """The tokenizer of a run; ``data.tokenizer`` is set to its path (data workers open that file)."""
+    path = tokenizer_path(data, demo)
+    if not path.exists():
+        raise ValueError(f"data.tokenizer: {path} does not exist")
+    data.tokenizer = str(path)
+    return Tokenizer.from_path(path)

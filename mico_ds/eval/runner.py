@@ -18,7 +18,7 @@ import torch
 from mico_ds import distributed as mdist
 from mico_ds.config import EVAL_TASKS, RunConfig
 from mico_ds.data import schema
-from mico_ds.data.pipeline import to_device
+from mico_ds.data.read.batch import to_device
 
 log = logging.getLogger("mico_ds")
 
@@ -36,7 +36,7 @@ def load_batches(
     shards: str | None = None,
 ) -> list[dict[str, Any]]:
     """This rank's first ``items_per_rank`` held-out items, as batches with ``valid`` (all True)."""
-    from mico_ds.data.pipeline import EvalLoader
+    from mico_ds.data.read.loader import EvalLoader
 
     shards = shards or cfg.data.val_shards
     if not shards:

@@ -1,4 +1,5 @@
-"""Fused ops (DESIGN.md §7): each has a pure-PyTorch reference that is the CPU path and test oracle.
+"""Fused ops (docs/architecture.md, "Where each part lives"): each has a pure-PyTorch reference that is
+the CPU path and the test oracle.
 
 Triton is imported lazily by the fused paths only, so this package imports without a working Triton.
 """

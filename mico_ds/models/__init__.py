@@ -1,10 +1,11 @@
-"""The MiCo model: omni-encoder, multimodal context, Llama text branch, heads (DESIGN.md §5)."""
+"""The MiCo model: omni-encoder, multimodal context, Llama text branch, heads (docs/architecture.md,
+"Model contract"). Weight formats of other projects load through ``mico_ds.checkpoint.formats``."""
 
 from mico_ds.models.context import MultimodalContext
 from mico_ds.models.heads import LogitScale, MatchHead, PrefixProjector, ProjectionHead
 from mico_ds.models.mico import LOSS_KEYS, MiCoModel, present_modalities
-from mico_ds.models.omni_encoder import OmniEncoder, load_timm_checkpoint, timm_to_encoder_state_dict
-from mico_ds.models.text_branch import TextBranch, TextOutput, llama_config, load_hf_llama
+from mico_ds.models.omni_encoder import OmniEncoder
+from mico_ds.models.text_branch import TextBranch, TextOutput, llama_config
 
 __all__ = [
     "LOSS_KEYS",
@@ -18,8 +19,5 @@ __all__ = [
     "TextBranch",
     "TextOutput",
     "llama_config",
-    "load_hf_llama",
-    "load_timm_checkpoint",
     "present_modalities",
-    "timm_to_encoder_state_dict",
 ]

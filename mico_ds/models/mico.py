@@ -1,7 +1,7 @@
 """MiCoModel: omni-encoder + multimodal context + Llama text branch + the three objectives.
 
-This is the module ``deepspeed.initialize`` wraps (DESIGN.md §5). Top-level submodules, named so the
-trainer can build parameter groups by prefix:
+This is the module ``deepspeed.initialize`` wraps (docs/architecture.md, "Model contract"). Top-level
+submodules, named so the trainer can build parameter groups by prefix:
 
     encoder      OmniEncoder: shared ViT + per-modality tokenizers        (vision branch)
     context      MultimodalContext: E_C, E_M, E_Pos, E_Sam + [CTX] fusion
@@ -23,31 +23,28 @@ Shape legend: B local batch, L text tokens, P prefix tokens, D ViT width, H Llam
 
 from __future__ import annotations
 
-from functools import partial
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mico_ds.config import RunConfig
+from mico_ds.config import InputConfig, ModelConfig, ObjectiveConfig, RunConfig
 from mico_ds.data.schema import MODALITIES, SAMPLE_SOURCE, TEXT_IDS, TEXT_MASK, SpecialTokens
 from mico_ds.distributed import all_gather_no_grad, all_gather_with_grad, get_rank
-from mico_ds.kernels.contrastive import sample_hard_negatives_tiled
 from mico_ds.models.context import MultimodalContext
+from mico_ds.models.decoder_rows import DecoderRows
 from mico_ds.models.heads import LogitScale, MatchHead, PrefixProjector, ProjectionHead
 from mico_ds.models.omni_encoder import OmniEncoder
 from mico_ds.models.text_branch import TextBranch, last_valid_index
 from mico_ds.objectives.contrastive import contrastive_loss, in_batch_top1
 from mico_ds.objectives.generation import generation_loss, mask_caption_tokens
-from mico_ds.objectives.matching import gather_texts, matching_labels, matching_loss, sample_hard_negatives
+from mico_ds.objectives.matching import gather_texts, matching_labels, matching_loss, mine_hard_negatives
+from mico_ds.objectives.seeding import RandomStream, step_generator
 
 LOSS_KEYS = ("contrastive_loss", "matching_loss", "generation_loss")
-
-# Random streams of one forward pass (each gets its own generator).
-_STREAM_MATCHING = 1
-_STREAM_GENERATION = 2
+MATCHING_ROWS, GENERATION_ROWS = "matching", "generation"
 
 
 def present_modalities(batch: dict[str, Any]) -> list[str]:
@@ -55,68 +52,69 @@ def present_modalities(batch: dict[str, Any]) -> list[str]:
     return [m for m in MODALITIES if batch.get(m) is not None]
 
 
+@dataclass
+class GlobalFeatures:
+    """MiCo Eq. 4's inputs: this rank's normalized features (with gradient) and every rank's (without:
+    for mining and in-batch accuracy). Shapes (b, E) and (world*b, E)."""
+
+    v_z: torch.Tensor
+    v_t: torch.Tensor
+    z_all: torch.Tensor
+    t_all: torch.Tensor
+
+
 class MiCoModel(nn.Module):
     """The MiCo model and its pretraining objectives (MiCo Eq. 1-6).
 
     Args:
-        cfg: the run config (model sizes, input geometry, objective weights, train.seed).
+        model: sizes of the encoder, context and text branch, and ``kernels``.
+        inputs: input geometry (the tokenizers' grids).
+        objectives: the objective weights, mask ratio, temperature and tile.
         special: the tokenizer's vocabulary size and special ids.
+        seed: ``train.seed``; with the step, micro-batch and rank it seeds masking and mining.
 
-    Attributes the trainer may set:
-        step: the optimizer step; seeds the masking and hard-negative sampling together with
-            ``cfg.train.seed``, the rank and the micro-batch index (use :meth:`set_step`, or put
-            ``batch["step"]``: a new value there calls ``set_step``).
-        contrastive_impl: None (from ``cfg.model.kernels``) or an explicit ``contrastive_loss`` impl.
+    Attributes:
+        objective_impl: which implementation the contrastive loss and the mining run ("auto" from
+            ``model.kernels``, or "naive" | "torch" | "triton"; see ``objectives.contrastive.resolve_impl``).
     """
 
-    def __init__(self, cfg: RunConfig, special: SpecialTokens) -> None:
+    def __init__(
+        self,
+        model: ModelConfig,
+        inputs: InputConfig,
+        objectives: ObjectiveConfig,
+        special: SpecialTokens,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
-        m, o = cfg.model, cfg.objectives
-        weights = {k: getattr(o, f"{k.split('_')[0]}_weight") for k in LOSS_KEYS}
-        if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
-            raise ValueError(f"objectives weights must be >= 0 with at least one > 0, got {weights}")
-        if m.context.prefix_tokens is not None and m.context.prefix_tokens < 1:
-            raise ValueError(
-                f"model.context.prefix_tokens must be >= 1 or null, got {m.context.prefix_tokens}"
-            )
-        self.cfg = cfg
+        self.objective_cfg = objectives
+        self.weights = objectives.weights()
         self.special = special
-        self.weights = weights
-        self.encoder = OmniEncoder(m.vision, cfg.inputs, m.context.tokens_per_frame)
-        self.context = MultimodalContext(m.vision.width, m.context, m.vision, kernels=m.kernels)
-        self.text = TextBranch(m.text, special)
+        self.seed = seed
+        self.prefix_tokens = model.context.prefix_tokens
+        self.objective_impl = model.kernels
+        self.encoder = OmniEncoder(model.vision, inputs, model.context.tokens_per_frame)
+        self.context = MultimodalContext(
+            model.vision.width, model.context, model.vision, kernels=model.kernels
+        )
+        self.text = TextBranch(model.text, special)
         h = self.text.hidden_size
-        self.proj_z = ProjectionHead(m.vision.width, m.embed_dim)
-        self.proj_t = ProjectionHead(h, m.embed_dim)
+        self.proj_z = ProjectionHead(model.vision.width, model.embed_dim)
+        self.proj_t = ProjectionHead(h, model.embed_dim)
         self.match_head = MatchHead(h)
-        self.prefix_proj = PrefixProjector(m.vision.width, h)
-        self.logit_scale = LogitScale(o.init_temperature, o.max_logit_scale)
-        self.seed = cfg.train.seed
-        self.step = 0
-        self._micro = 0
-        self.contrastive_impl: str | None = None
+        self.prefix_proj = PrefixProjector(model.vision.width, h)
+        self.logit_scale = LogitScale(objectives.init_temperature, objectives.max_logit_scale)
 
-    # ------------------------------------------------------------------ seeding / config
+    @classmethod
+    def from_run_config(cls, cfg: RunConfig, special: SpecialTokens) -> MiCoModel:
+        """The model of a run: its model, input and objective sections and its seed."""
+        return cls(cfg.model, cfg.inputs, cfg.objectives, special, seed=cfg.train.seed)
 
-    def set_step(self, step: int) -> None:
-        """Set the optimizer step (seeds this step's masking / sampling); resets the micro-batch index."""
-        self.step = int(step)
-        self._micro = 0
-
-    def _generator(self, device: torch.device, stream: int) -> torch.Generator:
-        """A generator seeded from (train.seed, step, micro-batch, rank, stream): reproducible runs,
-        independent draws per rank and per objective."""
-        key = [self.seed, self.step, self._micro, get_rank(), stream]
-        seed = int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0])
-        return torch.Generator(device=device).manual_seed(seed)
-
-    def _contrastive_impl(self, device: torch.device) -> str:
-        if self.contrastive_impl is not None:
-            return self.contrastive_impl
-        k = self.cfg.model.kernels
-        if k == "auto":
-            return "triton" if device.type == "cuda" else "torch"
-        return k
+    def generator(
+        self, stream: RandomStream, step: int, micro: int, device: torch.device | str
+    ) -> torch.Generator:
+        """The generator ``forward(batch, step, micro)`` draws ``stream`` from on this rank."""
+        return step_generator(self.seed, step, micro, get_rank(), stream, device)
 
     # ------------------------------------------------------------------ building blocks
 
@@ -149,7 +147,7 @@ class MiCoModel(nn.Module):
 
     def _select_prefix(self, fused: torch.Tensor) -> torch.Tensor:
         """[CTX] + context tokens, average-pooled to ``model.context.prefix_tokens`` in total if set."""
-        n = self.cfg.model.context.prefix_tokens
+        n = self.prefix_tokens
         if n is None or n >= fused.shape[1]:
             return fused
         if n == 1:
@@ -219,8 +217,15 @@ class MiCoModel(nn.Module):
 
     # ------------------------------------------------------------------ training forward
 
-    def forward(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def forward(
+        self, batch: dict[str, Any], step: int = 0, micro: int = 0
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Compute the weighted MiCo objectives on one batch (schema: mico_ds/data/schema.py).
+
+        Args:
+            batch: one micro-batch.
+            step, micro: the optimizer step and the micro-batch within it; they seed this pass's
+                caption masking and hard-negative mining (:meth:`generator`).
 
         Returns:
             losses: ``contrastive_loss``, ``matching_loss``, ``generation_loss`` (zero, detached, for a
@@ -230,79 +235,117 @@ class MiCoModel(nn.Module):
                 matching_acc, masked_tokens (global count).
         """
         self._check_batch(batch)
-        step = batch.get("step")  # the trainer may pass the optimizer step in the batch
-        if step is not None and int(step) != self.step:
-            self.set_step(int(step))
+        w = self.weights
         ids, mask = batch[TEXT_IDS], batch[TEXT_MASK]
-        o, w = self.cfg.objectives, self.weights
-        b, rank = ids.shape[0], get_rank()
-        z, fused = self.encode_context(batch)
+        z, fused = self.encode_context(batch)  # Eq. 1-3
         scale = self.logit_scale()
         losses: dict[str, torch.Tensor] = {}
         report: dict[str, torch.Tensor] = {
             "logit_scale": scale.detach(),
             "context_tokens": torch.tensor(float(fused.shape[1] - 1), device=z.device),
         }
-
-        # Eq. 4: global features (with grad for the loss, without for mining / accuracy). With a
-        # tiled kernel (every impl but "naive") nothing below holds the (b, world*b) similarities.
-        impl = self._contrastive_impl(z.device)
+        feats = None
         if w["contrastive_loss"] > 0 or w["matching_loss"] > 0:
-            v_z = F.normalize(self.proj_z(z).float(), dim=-1)
-            v_t = F.normalize(self.proj_t(self.text.text_features(ids, mask)).float(), dim=-1)
-            z_all, t_all = all_gather_no_grad(v_z.detach()), all_gather_no_grad(v_t.detach())
-            report["retrieval_acc_k2t"] = in_batch_top1(v_z.detach(), t_all, rank, o.contrastive_tile)
-            report["retrieval_acc_t2k"] = in_batch_top1(v_t.detach(), z_all, rank, o.contrastive_tile)
+            feats = self.global_features(z, ids, mask)
+            report.update(self.in_batch_accuracy(feats))
             if w["contrastive_loss"] > 0:
-                losses["contrastive_loss"] = contrastive_loss(
-                    v_z, v_t, scale, impl=impl, tile=o.contrastive_tile
-                )
-
-        # Eq. 5 and 6 share ONE prefixed decoder pass (one parameter gather of the LLM under ZeRO-3):
-        # rows [0, 3b) are matching pairs, rows [3b, 4b) (or [0, b)) the masked captions.
+                losses["contrastive_loss"] = self.contrastive_term(feats, scale)  # Eq. 4
         if w["matching_loss"] > 0 or w["generation_loss"] > 0:
             prefix = self.prefix_proj(self._select_prefix(fused))  # (B, P, H)
-            p = prefix.shape[1]
-            rows_prefix, rows_ids, rows_mask = [], [], []
-            if w["matching_loss"] > 0:
+            if w["matching_loss"] > 0:  # the texts of every rank, padded to the global length
                 ids, mask, ids_all, mask_all = gather_texts(ids, mask, self.special.pad_id)
-                prefix_all = all_gather_with_grad(prefix)  # negatives' prefixes keep their gradient
-                g = self._generator(ids.device, _STREAM_MATCHING)
-                pos = torch.arange(b, device=ids.device) + rank * b
-                if impl == "naive":
-                    sample = sample_hard_negatives
-                else:  # Gumbel-max over column tiles: the same distribution, O(b x tile) memory
-                    sample = partial(sample_hard_negatives_tiled, tile=o.contrastive_tile)
-                neg_t = sample(v_z, t_all, scale.detach(), pos, g)  # a text for each context
-                neg_z = sample(v_t, z_all, scale.detach(), pos, g)  # a context for each text
-                rows_prefix += [prefix, prefix, prefix_all[neg_z]]
-                rows_ids += [ids, ids_all[neg_t], ids]
-                rows_mask += [mask, mask_all[neg_t], mask]
-            if w["generation_loss"] > 0:
-                g = self._generator(ids.device, _STREAM_GENERATION)
-                masked_ids, is_masked = mask_caption_tokens(ids, mask, o.mask_ratio, self.special, g)
-                rows_prefix.append(prefix)
-                rows_ids.append(masked_ids)
-                rows_mask.append(mask)
-            all_mask = torch.cat(rows_mask)
-            out = self.text(torch.cat(rows_ids), all_mask, prefix=torch.cat(rows_prefix))
-            h_text = out.hidden[:, p:]  # (R, L, H)
+            rows = DecoderRows()
             if w["matching_loss"] > 0:
-                last = last_valid_index(all_mask[: 3 * b])
-                logits = self.match_head(h_text[torch.arange(3 * b, device=last.device), last])
-                labels = matching_labels(b, logits.device)
-                losses["matching_loss"] = matching_loss(logits, labels)
-                report["matching_acc"] = ((logits.detach() > 0).float() == labels).float().mean()
+                assert feats is not None
+                gen = self.generator(RandomStream.MATCHING, step, micro, ids.device)
+                self.add_matching_rows(rows, prefix, ids, mask, ids_all, mask_all, feats, scale, gen)
             if w["generation_loss"] > 0:
-                h_gen = h_text[-b:]  # boolean indexing below syncs with the host (data-dependent n)
-                logits_nV = self.text.lm_logits(h_gen[is_masked])  # LM head only where it is needed
-                losses["generation_loss"], report["masked_tokens"] = generation_loss(
-                    logits_nV, ids[is_masked]
+                gen = self.generator(RandomStream.GENERATION, step, micro, ids.device)
+                masked_ids, is_masked = mask_caption_tokens(
+                    ids, mask, self.objective_cfg.mask_ratio, self.special, gen
                 )
-
+                rows.add(GENERATION_ROWS, prefix, masked_ids, mask)
+            all_prefix, all_ids, all_mask = rows.stack()
+            h_text = self.text(all_ids, all_mask, prefix=all_prefix).hidden[
+                :, all_prefix.shape[1] :
+            ]  # (R, L, H)
+            if MATCHING_ROWS in rows:  # Eq. 5
+                losses["matching_loss"], report["matching_acc"] = self.matching_term(
+                    rows.take(MATCHING_ROWS, h_text), rows.take(MATCHING_ROWS, all_mask)
+                )
+            if GENERATION_ROWS in rows:  # Eq. 6
+                losses["generation_loss"], report["masked_tokens"] = self.generation_term(
+                    rows.take(GENERATION_ROWS, h_text), ids, is_masked
+                )
         total = sum(w[k] * losses[k] for k in LOSS_KEYS if k in losses)
         for k in LOSS_KEYS:
             losses.setdefault(k, torch.zeros((), device=z.device))
         losses["loss"] = total  # type: ignore[assignment]
-        self._micro += 1
         return losses, report
+
+    def global_features(self, z: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> GlobalFeatures:
+        """Normalized knowledge and text features, local with gradient and gathered without (Eq. 4).
+        With a tiled kernel nothing below holds the (b, world*b) similarities."""
+        v_z = F.normalize(self.proj_z(z).float(), dim=-1)
+        v_t = F.normalize(self.proj_t(self.text.text_features(ids, mask)).float(), dim=-1)
+        return GlobalFeatures(v_z, v_t, all_gather_no_grad(v_z.detach()), all_gather_no_grad(v_t.detach()))
+
+    def in_batch_accuracy(self, f: GlobalFeatures) -> dict[str, torch.Tensor]:
+        """In-batch top-1 of local rows against global columns, both directions (logged)."""
+        rank, tile = get_rank(), self.objective_cfg.contrastive_tile
+        return {
+            "retrieval_acc_k2t": in_batch_top1(f.v_z.detach(), f.t_all, rank, tile),
+            "retrieval_acc_t2k": in_batch_top1(f.v_t.detach(), f.z_all, rank, tile),
+        }
+
+    def contrastive_term(self, f: GlobalFeatures, scale: torch.Tensor) -> torch.Tensor:
+        """MiCo Eq. 4: symmetric InfoNCE over the all-gathered batch."""
+        return contrastive_loss(
+            f.v_z, f.v_t, scale, impl=self.objective_impl, tile=self.objective_cfg.contrastive_tile
+        )
+
+    def add_matching_rows(
+        self,
+        rows: DecoderRows,
+        prefix: torch.Tensor,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        ids_all: torch.Tensor,
+        mask_all: torch.Tensor,
+        f: GlobalFeatures,
+        scale: torch.Tensor,
+        gen: torch.Generator,
+    ) -> None:
+        """MiCo Eq. 5's 3b pairs: b positives, each context with a hard-negative text, each text with a
+        hard-negative context; negatives are mined from the global batch and may live on another rank."""
+        b = ids.shape[0]
+        prefix_all = all_gather_with_grad(prefix)  # negatives' prefixes keep their gradient
+        pos = torch.arange(b, device=ids.device) + get_rank() * b
+        impl, tile = self.objective_impl, self.objective_cfg.contrastive_tile
+        neg_t = mine_hard_negatives(
+            f.v_z, f.t_all, scale.detach(), pos, gen, impl, tile
+        )  # a text per context
+        neg_z = mine_hard_negatives(
+            f.v_t, f.z_all, scale.detach(), pos, gen, impl, tile
+        )  # a context per text
+        rows.add(MATCHING_ROWS, prefix, ids, mask)
+        rows.add(MATCHING_ROWS, prefix, ids_all[neg_t], mask_all[neg_t])
+        rows.add(MATCHING_ROWS, prefix_all[neg_z], ids, mask)
+
+    def matching_term(self, h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MiCo Eq. 5 on the matching rows' hidden states (3b, L, H): BCE of the matching head at each
+        row's last text token; returns (loss, thresholded accuracy)."""
+        last = last_valid_index(mask)
+        logits = self.match_head(h[torch.arange(h.shape[0], device=last.device), last])
+        labels = matching_labels(h.shape[0] // 3, logits.device)
+        acc = ((logits.detach() > 0).float() == labels).float().mean()
+        return matching_loss(logits, labels), acc
+
+    def generation_term(
+        self, h: torch.Tensor, ids: torch.Tensor, is_masked: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MiCo Eq. 6 on the generation rows' hidden states (b, L, H): cross-entropy of the original
+        tokens at the masked positions; returns (loss, global masked-token count)."""
+        # The LM head runs only where it is needed; boolean indexing syncs with the host (data-dependent n).
+        logits_nV = self.text.lm_logits(h[is_masked])
+        return generation_loss(logits_nV, ids[is_masked])

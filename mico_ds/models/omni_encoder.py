@@ -8,7 +8,7 @@ embedding differs. Tokenizers:
                                       unit-vector components in [-1, 1], not colour, and sharing the
                                       RGB filters would mix two input statistics for the price of
                                       3*p*p*D parameters saved; a pretrained RGB filter bank is still
-                                      its starting point (see :func:`timm_to_encoder_state_dict`)
+                                      its starting point (see ``mico_ds.checkpoint.formats.timm``)
     depth   1-channel, image grid     depth maps
     audio   1-channel, spectrogram    log-mel clips, grid (mel_bins/pa) x (clip_frames/pa)
 
@@ -24,10 +24,8 @@ P patches per frame, K = tokens_per_frame, D = width.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,15 +37,6 @@ from torch.utils.checkpoint import checkpoint
 from mico_ds.config import InputConfig, VisionConfig
 from mico_ds.data.schema import MODALITIES
 from mico_ds.models.initialization import init_normal_, leaf_init
-from mico_ds.models.weights import (
-    CheckpointReader,
-    Conversion,
-    DictReader,
-    check_plan,
-    load_plan_into,
-    materialize,
-    target_shapes,
-)
 
 # Which tokenizer encodes each modality, and whether its input is a frame sequence.
 TOKENIZER_OF: dict[str, str] = {
@@ -60,8 +49,6 @@ TOKENIZER_OF: dict[str, str] = {
 _IN_CHANS: dict[str, int] = {"rgb": 3, "normal": 3, "depth": 1, "audio": 1}
 _NDIM: dict[str, int] = {"image": 4, "video": 5, "audio": 5, "depth": 4, "normal": 4}
 assert set(TOKENIZER_OF) == set(MODALITIES)
-
-log = logging.getLogger("mico_ds")
 
 
 def pool_grid_shape(k: int, grid: tuple[int, int]) -> tuple[int, int]:
@@ -210,113 +197,3 @@ class OmniEncoder(nn.Module):
         patches = x_nPD[:, 1:].transpose(1, 2).reshape(x_nPD.shape[0], self.width, grid[0], grid[1])
         pooled = F.adaptive_avg_pool2d(patches, (rows, cols)).flatten(2).transpose(1, 2)  # (n, K-1, D)
         return torch.cat([cls, pooled], dim=1)
-
-
-# ----------------------------------------------------------------------------- pretrained timm / EVA ViTs
-
-# Checkpoint keys with no counterpart here: classifier heads, timm Eva's all-zero k_bias buffer,
-# rotary tables (EVA-02; a checkpoint that needs them fails on its rope-specific weights instead).
-_TIMM_IGNORED = ("head.", "head_drop.", "fc_norm.", "pre_logits.", "attn_pool.")
-_TIMM_IGNORED_SUFFIX = (".attn.k_bias", "rope.freqs", ".rope.freqs", "relative_position_index")
-
-
-def _timm_keys(keys: list[str]) -> dict[str, str]:
-    """checkpoint key -> timm-layout key: keep only an (EVA-)CLIP checkpoint's vision tower
-    (``visual.``), strip wrapper prefixes (``module.``, ``encoder.``)."""
-    if any(k.startswith("visual.") for k in keys):
-        keys = [k for k in keys if k.startswith("visual.")]
-    out = {}
-    for k in keys:
-        name = k
-        for pre in ("visual.", "module.", "encoder."):
-            if name.startswith(pre):
-                name = name[len(pre) :]
-        out[k] = name
-    return out
-
-
-def timm_plan(
-    source_shapes: dict[str, tuple[int, ...]], encoder: OmniEncoder, where: str = "checkpoint"
-) -> list[Conversion]:
-    """Conversion plan (``mico_ds.models.weights``) from a timm ``VisionTransformer`` / EVA checkpoint.
-
-    * ``patch_embed.proj`` starts all four tokenizers: RGB and normal copy it; the 1-channel depth and
-      audio tokenizers get the RGB filters SUMMED over channels (exactly the response of the RGB
-      filters to a grey image x, x, x; timm's ``adapt_input_conv``, AST), resampled to the audio patch
-      size when it differs (FlexiViT pseudo-inverse resize).
-    * ``pos_embed`` is resampled (bicubic, timm) from the checkpoint's square grid to ours.
-    * EVA-style attention biases (``q_bias``, ``v_bias``, no k bias) become ``qkv.bias`` = [q, 0, v].
-    * ``norm_pre`` (CLIP's ln_pre; timm's ``vit_*_clip_*`` checkpoints) needs ``model.vision.pre_norm``;
-      CLIP's bias-free patch embedding gives zero tokenizer biases.
-    * An (EVA-)CLIP checkpoint's text tower is skipped (only ``visual.*`` is read); classifier heads
-      are dropped; ``fc_norm`` stands in for a missing final ``norm`` (mean-pooling checkpoints).
-
-    Raises:
-        ValueError: naming ``where`` and every key or shape that does not fit ``encoder``.
-    """
-    names = _timm_keys(list(source_shapes))
-    by_name = {v: k for k, v in names.items()}
-    plan: list[Conversion] = []
-    used: set[str] = set()
-
-    def add(target: str, sources: tuple[str, ...], op: str = "copy", **args: object) -> None:
-        plan.append(Conversion(target, tuple(by_name[s] for s in sources), op, dict(args)))
-        used.update(sources)
-
-    has_norm = "norm.weight" in by_name
-    if "norm_pre.weight" in by_name and encoder.norm_pre is None:
-        raise ValueError(
-            f"{where}: the checkpoint normalizes tokens before the blocks (norm_pre, CLIP's ln_pre): "
-            f"set model.vision.pre_norm=true"
-        )
-    for name in names.values():
-        if name in used:
-            continue
-        if name.startswith("patch_embed.proj."):
-            leaf = name[len("patch_embed.proj.") :]
-            for tok in ("rgb", "normal"):
-                add(f"tokenizers.{tok}.proj.{leaf}", (name,))
-            for tok in ("depth", "audio"):
-                add(f"tokenizers.{tok}.proj.{leaf}", (name,), "sum_in_chans" if leaf == "weight" else "copy")
-            if leaf == "weight" and "patch_embed.proj.bias" not in by_name:  # CLIP: no bias
-                for tok in ("rgb", "normal", "depth", "audio"):
-                    add(f"tokenizers.{tok}.proj.bias", (name,), "zero_bias")
-        elif name == "pos_embed":
-            add("pos_embed", (name,), "pos_embed", new_grid=list(encoder.grid), prefix=1)
-        elif name.endswith(".attn.q_bias"):
-            base = name[: -len("q_bias")]
-            add(f"{base}qkv.bias", (name, f"{base}v_bias"), "qkv_bias")
-        elif name.startswith("fc_norm.") and not has_norm:
-            add("norm." + name[len("fc_norm.") :], (name,))
-        elif name.startswith(_TIMM_IGNORED) or name.endswith(_TIMM_IGNORED_SUFFIX):
-            used.add(name)
-        elif not name.endswith(".attn.v_bias"):
-            add(name, (name,))
-    if not has_norm and any(n.startswith("fc_norm.") for n in names.values()):
-        log.warning("%s: no final norm; fc_norm (mean-pooling checkpoint) becomes the encoder's norm", where)
-    check_plan(plan, source_shapes, target_shapes(encoder), where)
-    return plan
-
-
-def timm_to_encoder_state_dict(sd: dict[str, torch.Tensor], encoder: OmniEncoder) -> dict[str, torch.Tensor]:
-    """A timm / EVA ViT state dict converted to ours in memory (see :func:`timm_plan`)."""
-    reader = DictReader(sd)
-    shapes = target_shapes(encoder)
-    plan = timm_plan(reader.shapes(), encoder, "state dict")
-    return {c.target: materialize(c, reader, shapes[c.target]) for c in plan}
-
-
-def load_timm_checkpoint(encoder: OmniEncoder, path: str | Path) -> None:
-    """Load a local timm / EVA ViT checkpoint (.safetensors / .pth / .bin) into a plain ``encoder``.
-
-    Tensors are read and converted one at a time (:func:`timm_plan`). Under ZeRO-3 the trainer loads
-    through ``mico_ds.train.pretrained`` instead, one gathered parameter at a time.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"model.vision.pretrained={str(path)!r} is not a file")
-    reader = CheckpointReader(path)
-    try:
-        load_plan_into(encoder, timm_plan(reader.shapes(), encoder, str(path)), reader)
-    finally:
-        reader.close()

@@ -9,7 +9,7 @@ Two passes (MiCo §3.2 / appendix B.1):
 
 Built from a ``LlamaConfig`` (debug sizes, random init) or with the architecture of a LOCAL Hugging Face
 directory (``pretrained_llama_config``); its weights are loaded after construction, tensor by tensor
-(``load_hf_llama``; ``mico_ds.train.pretrained`` under ZeRO-3).
+(``mico_ds.checkpoint.formats.hf_llama``; ``mico_ds.distributed.zero_load`` under ZeRO-3).
 Text is right-padded (``text_mask`` = 1s then 0s); position ids are cumsum(mask) - 1, so they run
 contiguously over prefix + valid text.
 
@@ -32,14 +32,6 @@ from transformers.modeling_utils import PreTrainedModel
 from mico_ds.config import TextConfig
 from mico_ds.data.schema import SpecialTokens
 from mico_ds.models.initialization import leaf_init
-from mico_ds.models.weights import (
-    CheckpointReader,
-    Conversion,
-    check_plan,
-    load_plan_into,
-    order_by_file,
-    target_shapes,
-)
 
 _POOLING = ("mean", "last")
 
@@ -144,47 +136,6 @@ def pretrained_llama_config(text: TextConfig, special: SpecialTokens) -> LlamaCo
     return cfg
 
 
-_HF_IGNORED_SUFFIX = (".rotary_emb.inv_freq",)  # buffers some older checkpoints saved
-
-
-def hf_llama_plan(
-    source_shapes: dict[str, tuple[int, ...]], branch: nn.Module, where: str = "checkpoint"
-) -> list[Conversion]:
-    """Conversion plan (``mico_ds.models.weights``) from a Hugging Face ``LlamaForCausalLM`` checkpoint.
-
-    Keys map one to one (``model.*`` -> ``llm.model.*``, ``lm_head.weight`` -> ``llm.lm_head.weight``);
-    the embedding and LM-head rows grow to our vocabulary (new rows at the mean of the old ones); a
-    checkpoint with tied embeddings and no ``lm_head.weight`` fills the head from the embeddings.
-
-    Raises:
-        ValueError: naming ``where`` and every key or shape that does not fit ``branch``.
-    """
-    plan: list[Conversion] = []
-    for k in source_shapes:
-        if k.endswith(_HF_IGNORED_SUFFIX):
-            continue
-        op = "rows" if k in ("model.embed_tokens.weight", "lm_head.weight") else "copy"
-        plan.append(Conversion(f"llm.{k}", (k,), op))
-    if "lm_head.weight" not in source_shapes and "model.embed_tokens.weight" in source_shapes:
-        plan.append(Conversion("llm.lm_head.weight", ("model.embed_tokens.weight",), "rows"))
-    check_plan(plan, source_shapes, target_shapes(branch), where)
-    return plan
-
-
-def load_hf_llama(branch: TextBranch, path: str | Path) -> None:
-    """Load a local Hugging Face Llama directory into a plain (not partitioned) ``branch``.
-
-    One shard file open at a time, one tensor converted at a time (:func:`hf_llama_plan`). Under
-    ZeRO-3 the trainer loads through ``mico_ds.train.pretrained`` instead.
-    """
-    reader = CheckpointReader(path)
-    try:
-        plan = order_by_file(hf_llama_plan(reader.shapes(), branch, str(path)), reader.key_to_file)
-        load_plan_into(branch, plan, reader)
-    finally:
-        reader.close()
-
-
 class TextOutput(NamedTuple):
     hidden: torch.Tensor  # (B, S, H) last hidden states over prefix + text
     mask: torch.Tensor  # (B, S) attention mask over prefix + text (1 = real)
@@ -218,7 +169,7 @@ class TextBranch(nn.Module):
         self.pooling = text.pooling
         # A pretrained directory decides the architecture (its config.json, checked against the
         # recipe); its weights are loaded afterwards, tensor by tensor (load_hf_llama, or
-        # mico_ds/train/pretrained.py under ZeRO-3), so construction never holds a second copy.
+        # mico_ds.distributed.zero_load under ZeRO-3), so construction never holds a second copy.
         cfg = pretrained_llama_config(text, special) if text.pretrained else llama_config(text, special)
         with leaf_init(std=cfg.initializer_range), _no_posthoc_init():
             self.llm = LlamaForCausalLM(cfg)

@@ -20,7 +20,19 @@ import torch.nn.functional as F
 
 from mico_ds.distributed import all_gather_with_grad, get_rank
 
+# "naive" materializes the (b, world*b) similarities (the reference); "torch" / "triton" are the tiled
+# kernels of mico_ds.kernels.contrastive; "auto" (model.kernels): Triton on CUDA, tiled PyTorch elsewhere.
 IMPLS = ("naive", "torch", "triton")
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation the contrastive loss and the hard-negative mining run for tensors on
+    ``device``: ``impl`` itself, or for "auto" Triton on CUDA and tiled PyTorch elsewhere."""
+    if impl == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if impl not in IMPLS:
+        raise ValueError(f"objective implementation must be auto or one of {IMPLS}, got {impl!r}")
+    return impl
 
 
 def contrastive_loss(
@@ -37,14 +49,14 @@ def contrastive_loss(
         v_t: (b, E) L2-normalized text features of this rank (row i pairs with v_z row i).
         logit_scale: () the inverse temperature, already exp'ed and clamped.
         impl: "naive" materializes the (b, world*b) logits here; "torch" / "triton" delegate to the
-            tiled kernel in ``mico_ds.kernels.contrastive`` (same semantics, no full logits).
+            tiled kernel in ``mico_ds.kernels.contrastive`` (same semantics, no full logits); "auto":
+            see :func:`resolve_impl`.
         tile: tile size of the tiled kernel.
 
     Returns:
         () loss, mean over the local rows of 0.5 * (CE z->t + CE t->z).
     """
-    if impl not in IMPLS:
-        raise ValueError(f"contrastive_loss impl must be one of {IMPLS}, got {impl!r}")
+    impl = resolve_impl(impl, v_z.device)
     if v_z.ndim != 2 or v_z.shape != v_t.shape:
         raise ValueError(f"v_z {tuple(v_z.shape)} and v_t {tuple(v_t.shape)} must both be (b, E)")
     if impl != "naive":

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mico_ds.distributed import all_gather_no_grad, dist_max
+from mico_ds.objectives.contrastive import resolve_impl
 
 
 @torch.no_grad()
@@ -46,6 +47,25 @@ def sample_hard_negatives(
     sim[torch.arange(q_local.shape[0], device=sim.device), positive_idx] = float("-inf")
     probs = torch.softmax(sim, dim=1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def mine_hard_negatives(
+    q_local: torch.Tensor,
+    k_global: torch.Tensor,
+    logit_scale: torch.Tensor,
+    positive_idx: torch.Tensor,
+    generator: torch.Generator,
+    impl: str = "naive",
+    tile: int = 1024,
+) -> torch.Tensor:
+    """One hard negative per query, by the objectives' implementation (:func:`resolve_impl`): the
+    softmax of the full similarities ("naive"), or Gumbel-max over column tiles (the same
+    distribution, O(b x tile) memory: ``mico_ds.kernels.contrastive.sample_hard_negatives_tiled``)."""
+    if resolve_impl(impl, q_local.device) == "naive":
+        return sample_hard_negatives(q_local, k_global, logit_scale, positive_idx, generator)
+    from mico_ds.kernels.contrastive import sample_hard_negatives_tiled
+
+    return sample_hard_negatives_tiled(q_local, k_global, logit_scale, positive_idx, generator, tile=tile)
 
 
 @torch.no_grad()

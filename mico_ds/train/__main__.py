@@ -4,11 +4,11 @@
     python -m mico_ds.train --recipe demo
 
     # one node, G processes (GPUs, or CPU ranks with gloo)
-    deepspeed --num_gpus G -m mico_ds.train --recipe NAME --run-dir DIR [--section.key=value ...]
+    deepspeed --num_gpus G --module mico_ds.train --recipe NAME --run-dir DIR [--section.key=value ...]
 
     # N nodes (see launch/slurm_pretrain.sh, which writes the hostfile and starts one launcher per node)
     deepspeed --hostfile HOSTS --no_ssh --node_rank R --master_addr A --master_port P \
-        -m mico_ds.train --recipe NAME --run-dir DIR --resume latest
+        --module mico_ds.train --recipe NAME --run-dir DIR --resume latest
 
     # torchrun-style environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) works too.
 
@@ -21,20 +21,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
-from mico_ds.config import help_text, list_recipes, load_config, parse_args_and_overrides
+import yaml
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mico_ds.config import help_text, list_recipes, load_config, parse_args_and_overrides, to_dict
+from mico_ds.distributed.launch import deepspeed_command, launched
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -55,35 +51,27 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "--nproc",
         type=int,
         default=None,
-        help="when not started by a launcher: processes to launch via `deepspeed` "
+        help="when not started by a launcher: processes to start under DeepSpeed's launcher "
         "(default: the recipe's launch.nproc, else 1)",
     )
     p.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the config the recipe and overrides resolve to, and exit",
+    )
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     return parse_args_and_overrides(p, argv)
 
 
 def self_launch(args: argparse.Namespace, overrides: list[str], nproc: int) -> int:
-    """Re-run this command under the deepspeed launcher with ``nproc`` local processes."""
-    cmd = [
-        "deepspeed",
-        "--num_gpus",
-        str(nproc),
-        "--master_port",
-        str(free_port()),
-        "--no_local_rank",
-        "--module",
-        "mico_ds.train",
-        "--recipe",
-        args.recipe,
-        "--run-dir",
-        args.run_dir,
-    ]
+    """Re-run this command under DeepSpeed's launcher (with this interpreter) on ``nproc`` local ranks."""
+    train_args = ["--recipe", args.recipe, "--run-dir", args.run_dir]
     if args.resume:
-        cmd += ["--resume", args.resume]
+        train_args += ["--resume", args.resume]
     if args.allow_config_change:
-        cmd.append("--allow-config-change")
-    cmd += overrides
+        train_args.append("--allow-config-change")
+    cmd = deepspeed_command(nproc, "mico_ds.train", [*train_args, *overrides])
     print("launching:", " ".join(cmd), flush=True)
     env = dict(os.environ, MICO_SELF_LAUNCHED="1")
     return subprocess.call(cmd, env=env)
@@ -100,11 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         "ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning, r"torch\.distributed"
     )
     cfg = load_config(args.recipe, overrides)
-    launched = any(k in os.environ for k in ("RANK", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK"))
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
     if args.run_dir is None:
         args.run_dir = str(Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     nproc = args.nproc or int(cfg.launch.get("nproc", 1))
-    if not launched and nproc > 1:
+    if not launched() and nproc > 1:
         return self_launch(args, overrides, nproc)
     from mico_ds.train.loop import Trainer
 

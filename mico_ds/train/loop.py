@@ -15,38 +15,24 @@ import torch
 import yaml
 
 from mico_ds import distributed as mdist
-from mico_ds.config import RunConfig, config_from_dict, to_dict
-from mico_ds.data.pipeline import to_device
-from mico_ds.train import checkpoint as ckpt
+from mico_ds.checkpoint import CHECKPOINTS, CheckpointManager, read_latest, rng_preserved, tag_for
+from mico_ds.config import RunConfig, to_dict
+from mico_ds.data.read.batch import to_device
+from mico_ds.data.read.mixture import build_train_loader
+from mico_ds.distributed.ds_config import zero_stage
+from mico_ds.distributed.engine import build_engine, init_distributed
 from mico_ds.train import data as tdata
 from mico_ds.train import health
-from mico_ds.train.engine import build_engine, init_distributed, load_checkpoint, zero_stage
 from mico_ds.train.metrics import KeyLog, MetricsWriter, Throughput, train_flops_per_sample
 from mico_ds.train.signals import PREEMPTED_EXIT_CODE, StopFlag, shield_children
 
 log = logging.getLogger("mico_ds")
-
-# Changing these between a checkpoint and its resume breaks sample-exact continuation.
-EXACTNESS_KEYS = (
-    "train.seed",
-    "optim.grad_accum",
-    "data.corpora",
-    "data.num_workers",
-    "data.shuffle_buffer",
-    "data.shards_per_chunk",
-)
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _get(d: dict, dotted: str) -> Any:
-    for p in dotted.split("."):
-        d = d[p]
-    return d
 
 
 class Trainer:
@@ -56,13 +42,13 @@ class Trainer:
         self, cfg: RunConfig, run_dir: Path, resume: str | None = None, allow_config_change: bool = False
     ) -> None:
         self.cfg = cfg
-        init_distributed(cfg)
+        init_distributed(cfg.train.dist_timeout_s)
         self.rank, self.world = mdist.get_rank(), mdist.get_world_size()
+        cfg.data.resolve_batch_sizes(self.world, cfg.optim.grad_accum)
         self.ranks = health.rank_table()
         self.watch = health.PeerWatch(self.ranks, self.rank).start()
         self.run_dir = Path(mdist.broadcast_object(str(run_dir)))
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        if resume is None and ckpt.read_latest(self.ckpt_dir) is not None:
+        if resume is None and read_latest(self.run_dir / CHECKPOINTS) is not None:
             raise ValueError(
                 f"{self.run_dir} already holds checkpoints: pass --resume latest to continue it, "
                 f"or choose a new --run-dir"
@@ -73,16 +59,21 @@ class Trainer:
         self.tokenizer = tdata.prepare_data(cfg)  # generates the demo corpus on rank 0 when asked
         from mico_ds.models.mico import MiCoModel
 
-        self.engine, self.ds_config = build_engine(cfg, lambda: MiCoModel(cfg, self.tokenizer.special))
+        model_fn = lambda: MiCoModel.from_run_config(cfg, self.tokenizer.special)  # noqa: E731
+        self.engine, self.ds_config = build_engine(cfg, model_fn)
         self.bf16 = bool(self.ds_config["bf16"]["enabled"])
         self.device = self.engine.device
         self.step = 0
         self.history: list[dict[str, Any]] = []
-        self.data = tdata.build_train_data(cfg, self.tokenizer)
+        self.data = build_train_loader(cfg)
+        self.checkpoints = CheckpointManager(
+            self.run_dir, self.engine, self.data, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every
+        )
         self.stop = StopFlag(cfg.train.max_minutes)
         self.writer = MetricsWriter(self.run_dir, enabled=self.rank == 0)
         if resume is not None:
-            self.load(resume, allow_config_change)
+            resumed = self.checkpoints.load(resume, to_dict(cfg), allow_config_change)
+            self.step, self.history = resumed.step, resumed.history
             self.writer.rewind(self.step)  # a run killed after its checkpoint logged steps it now redoes
         elif self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -114,13 +105,12 @@ class Trainer:
         for micro in range(self.cfg.optim.grad_accum):
             # Data workers may be forked here: keep SIGTERM/SIGUSR1 from them, and their seed draw from
             # the trainer's RNG (a resume forks them at another step).
-            with shield_children(), ckpt.rng_preserved():
+            with shield_children(), rng_preserved():
                 raw = next(self.data)
             if self.keys is not None:
                 self.keys.write(self.step + 1, micro, raw)
             batch = to_device(raw, self.device, self.bf16)
-            batch["step"] = self.step
-            losses, report = self.engine(batch)
+            losses, report = self.engine(batch, step=self.step, micro=micro)
             self.engine.backward(losses["loss"])
             self.engine.step()
             for k, v in {**losses, **report}.items():
@@ -176,7 +166,8 @@ class Trainer:
                 self.save()
         if pbar is not None:
             pbar.close()
-        path = self.save() if ckpt.read_latest(self.ckpt_dir) != ckpt.tag_for(self.step) else self.ckpt_dir
+        done = self.checkpoints.latest() == tag_for(self.step)
+        path = self.checkpoints.ckpt_dir if done else self.save()
         final = self.evaluate()
         self.watch.stop()
         self.write_summary(final, path)
@@ -204,65 +195,9 @@ class Trainer:
         return res
 
     def save(self) -> Path:
-        meta = {"config": to_dict(self.cfg), "history": self.history[-1000:]}
-        client = {"data": self.data.state_dict()}
-        return ckpt.save(
-            self.engine,
-            self.ckpt_dir,
-            self.step,
-            client,
-            meta,
-            self.cfg.checkpoint.keep_last,
-            self.cfg.checkpoint.keep_every,
+        return self.checkpoints.save(
+            self.step, {"config": to_dict(self.cfg), "history": self.history[-1000:]}
         )
-
-    def load(self, resume: str, allow_config_change: bool) -> None:
-        tag = ckpt.resolve_tag(self.ckpt_dir, resume)
-        meta = ckpt.load_meta(self.ckpt_dir, tag)
-        self.check_compatible(meta, allow_config_change)
-        tag_dir = self.ckpt_dir / tag
-        old_world = int(meta["world_size"])
-        if old_world != self.world and ckpt.is_partitioned(tag_dir):
-            raise ValueError(
-                f"{tag_dir} holds ZeRO partitions of {old_world} ranks and cannot load on {self.world}: "
-                f"convert it first with `python tools/to_universal.py {self.ckpt_dir} --tag {tag}`, then "
-                f"resume with --resume {tag}_universal --allow-config-change"
-            )
-        path = load_checkpoint(self.engine, self.ckpt_dir, tag, universal=ckpt.is_universal(tag_dir))
-        if path is None:
-            raise ValueError(f"DeepSpeed could not load {tag_dir}")
-        self.step = int(meta["step"])
-        self.history = list(meta.get("history", []))
-        client = ckpt.load_client(self.ckpt_dir, tag, self.rank) if old_world == self.world else None
-        if client is not None:
-            self.data.load_state_dict(client["data"])
-            ckpt.set_rng_state(client["rng"])
-        elif old_world == self.world:  # a checkpoint without this rank's client file
-            self.data.fast_forward(self.step)
-        else:
-            # Another world size: no stream maps onto an old one. Every new stream starts the epoch
-            # after the furthest any old stream reached (see docs/operations.md, "Change the GPU
-            # count"); the corpus schedule continues at this step. RNG states stay as seeded.
-            merged = ckpt.merge_data_states(ckpt.load_data_states(self.ckpt_dir, tag, old_world), self.rank)
-            merged["step"] = self.step * self.cfg.optim.grad_accum  # schedule position in micro-batches
-            self.data.load_state_dict(merged)
-        if self.rank == 0:
-            log.info("resumed from %s at step %d", tag_dir, self.step)
-
-    def check_compatible(self, meta: dict[str, Any], allow: bool) -> None:
-        old, new = meta["config"], to_dict(self.cfg)
-        diffs = [k for k in EXACTNESS_KEYS if _get(old, k) != _get(new, k)]
-        if meta["world_size"] != self.world:
-            diffs.append(f"world_size ({meta['world_size']} -> {self.world})")
-        if diffs and not allow:
-            raise ValueError(
-                f"resuming would break exact continuation: changed {diffs}. Pass "
-                f"--allow-config-change to resume anyway (the data order then differs from the "
-                f"uninterrupted run's; see docs/operations.md)"
-            )
-        if diffs and self.rank == 0:
-            log.warning("resuming with changed %s: the data order is not the uninterrupted run's", diffs)
-        config_from_dict(old)  # the old config must still parse (strict)
 
     def write_summary(self, final_eval: dict[str, float], ckpt_path: Path) -> None:
         if self.rank != 0:

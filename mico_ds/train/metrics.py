@@ -190,20 +190,3 @@ def train_flops_per_sample(cfg: RunConfig, modalities: list[str], text_len: int,
     a run with checkpointing does 4 forward-equivalents of work for these 3.
     """
     return 3 * sum(flops_breakdown(cfg, modalities, text_len, vocab_size).values())
-
-
-def proc_status_bytes(key: str) -> int:
-    """A ``/proc/self/status`` figure in bytes (Linux): VmRSS, resident now; VmHWM, the peak since the
-    last :func:`reset_peak_rss`."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def reset_peak_rss() -> None:
-    """Reset this process's VmHWM to its current resident set (``clear_refs`` 5, Linux), so that the
-    next VmHWM is the peak of what follows."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")

@@ -5,7 +5,7 @@ Shared by model, objective, kernel and trainer tests:
     cfg = make_tiny_config()
     special = make_tiny_special()
     batch = make_random_batch(cfg, ["image", "audio"], batch_size=4, seed=0)
-    model = MiCoModel(cfg, special)
+    model = MiCoModel.from_run_config(cfg, special)
 """
 
 from __future__ import annotations

@@ -49,9 +49,10 @@ def main() -> None:
 
     from mico_ds import distributed as mdist
     from mico_ds.config import load_config
+    from mico_ds.distributed import zero_load as pre
+    from mico_ds.distributed.ds_config import resolve_ds_config
+    from mico_ds.distributed.engine import build_engine, init_distributed
     from mico_ds.models.mico import MiCoModel
-    from mico_ds.train import pretrained as pre
-    from mico_ds.train.engine import build_engine, init_distributed, resolve_ds_config
     from tests.helpers.tiny import make_random_batch, make_tiny_special
 
     meta = json.loads((args.ckpt / "meta.json").read_text())
@@ -71,10 +72,10 @@ def main() -> None:
         ],
     )
     special = make_tiny_special(meta["vocab"])
-    init_distributed(cfg)
+    init_distributed(cfg.train.dist_timeout_s)
     rank = mdist.get_rank()
     torch.manual_seed(0)
-    engine, _ = build_engine(cfg, lambda: MiCoModel(cfg, special))
+    engine, _ = build_engine(cfg, lambda: MiCoModel.from_run_config(cfg, special))
     model = engine.module
     out: dict = {"rank": rank}
 
@@ -146,7 +147,7 @@ def main() -> None:
     deltas = []
     for step in range(2):
         batch = make_random_batch(cfg, ["image", "audio"], 4, seed=10 * step + rank)
-        losses, _ = engine({**batch, "step": step})
+        losses, _ = engine(batch, step=step)
         engine.backward(losses["loss"])
         engine.step()
         with deepspeed.zero.GatheredParameters(list(model.parameters())):
@@ -167,7 +168,7 @@ def main() -> None:
     ds = resolve_ds_config(load_config("debug", ["train.precision=fp32"]), mdist.get_world_size())
     torch.manual_seed(1)  # other random values than the first model: the load must overwrite them
     with deepspeed.zero.Init(config_dict_or_path=ds):
-        fresh = MiCoModel(cfg, special)
+        fresh = MiCoModel.from_run_config(cfg, special)
     fresh_params = list(fresh.parameters())
     out["persistent_at_load"] = sum(bool(p.ds_persist) for p in fresh_params)
     seen: list[tuple[int, int]] = []
@@ -180,7 +181,7 @@ def main() -> None:
 
     pre.materialize = watched
     try:
-        reports = pre.load_pretrained(fresh, cfg, zero3=True)
+        reports = pre.load_pretrained(fresh, cfg.model, zero3=True)
     finally:
         pre.materialize = real
     out["available_during_load"] = seen

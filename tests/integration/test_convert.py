@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.train_utils import REPO, data_overrides, env, run_train, train_records
+from tests.helpers.train import REPO, data_overrides, env, run_train, train_records
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 STEPS = 3
@@ -112,7 +112,7 @@ def assert_same_optimizer_state(a: dict, b: dict, step: int) -> None:
 def test_zero_to_fp32_matches_deepspeed(run2: Path, tmp_path: Path) -> None:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from mico_ds.export import load_state_dict
+    from mico_ds.checkpoint.formats.safetensors import load_state_dict
 
     ck = run2 / "checkpoints"
     p = tool("zero_to_fp32", str(run2), str(tmp_path / "ours"), "--max-shard-size", "100KB")
@@ -153,19 +153,20 @@ def test_export_branches_reproduce_the_trained_module(run2: Path, tmp_path: Path
     from timm.models.vision_transformer import VisionTransformer
     from transformers import AutoTokenizer, LlamaForCausalLM
 
+    from mico_ds.checkpoint import Location, read_run_config
+    from mico_ds.checkpoint.formats.safetensors import load_state_dict
     from mico_ds.data import schema
-    from mico_ds.data.mixture import build_eval_loader
+    from mico_ds.data.read.mixture import build_eval_loader
     from mico_ds.data.tokenizer import Tokenizer
-    from mico_ds.export import load_state_dict
     from mico_ds.models.mico import MiCoModel
-    from mico_ds.train.convert import load_run_config
 
     out = tmp_path / "export"
     assert tool_main("zero_to_fp32", str(run2), "--export-branches", str(out), "--quiet") == 0
     ck = run2 / "checkpoints"
-    cfg = load_run_config(ck, f"step{STEPS:08d}")
+    cfg = read_run_config(Location("zero", ck, f"step{STEPS:08d}"))
     tok = Tokenizer.from_path(cfg.data.tokenizer)
-    trained = MiCoModel(cfg, tok.special).eval()  # the trained module: DeepSpeed's own consolidation
+    # the trained module: DeepSpeed's own consolidation
+    trained = MiCoModel.from_run_config(cfg, tok.special).eval()
     trained.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(ck)), strict=True)
     batch = next(iter(build_eval_loader(cfg, cfg.data.tokenizer, rank=0, world_size=1)))  # held-out
     image, ids, mask = batch["image"], batch[schema.TEXT_IDS], batch[schema.TEXT_MASK]
@@ -190,7 +191,7 @@ def test_export_branches_reproduce_the_trained_module(run2: Path, tmp_path: Path
 
 
 def test_universal_checkpoint_changes_the_world_size_both_ways(run2: Path, data_root: Path, tmp_path: Path):
-    from mico_ds.train.convert import to_universal
+    from mico_ds.distributed.zero_checkpoint import to_universal
 
     tag3, tag4 = f"step{STEPS:08d}", f"step{STEPS + 1:08d}"
     src = tmp_path / "src" / "checkpoints"  # a copy: the shared run stays as it is
@@ -209,7 +210,7 @@ def test_universal_checkpoint_changes_the_world_size_both_ways(run2: Path, data_
         assert torch.equal(full.view(before[key][name].shape), before[key][name])
 
     # the universal checkpoint consolidates to the same weights (read from its per-parameter files)
-    from mico_ds.export import load_state_dict
+    from mico_ds.checkpoint.formats.safetensors import load_state_dict
 
     assert tool_main("zero_to_fp32", str(uni), str(tmp_path / "from_uni"), "--quiet") == 0
     from_uni = load_state_dict(tmp_path / "from_uni")
@@ -246,8 +247,8 @@ def test_zero2_converts_and_changes_the_world_size(data_root: Path, tmp_path: Pa
     conversion and load are the ZeRO-1/2 ones): the same checks, 2 ranks -> 1 rank."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from mico_ds.export import load_state_dict
-    from mico_ds.train.convert import to_universal
+    from mico_ds.checkpoint.formats.safetensors import load_state_dict
+    from mico_ds.distributed.zero_checkpoint import to_universal
 
     tag = "step00000002"
     args = [*data_overrides(data_root), "--train.ds_config=zero2_cpu.json", "--train.max_steps=2",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.train_utils import REPO, data_overrides, env, free_port, run_train
+from tests.helpers.train import REPO, data_overrides, env, free_port, run_train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 STEPS = 3
@@ -71,18 +71,21 @@ def test_checkpoint_evaluation_reproduces_the_trainer(run: Path, tmp_path: Path)
     # one-process run on the checkpoint directory does in memory) saved as fp32 safetensors
     from safetensors.torch import save_file
 
-    from mico_ds.eval.__main__ import _consolidated
+    from mico_ds.checkpoint import Location
+    from mico_ds.eval.__main__ import consolidated
 
-    sd = _consolidated("zero", run / "checkpoints", f"step{STEPS:08d}")
+    sd = consolidated(Location("zero", run / "checkpoints", f"step{STEPS:08d}"))
     save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "model.safetensors")
     one = _run_eval("--checkpoint", str(tmp_path / "model.safetensors"), "--config", str(run / "config.yaml"),
                     "--out", str(tmp_path / "one.json"), *EVAL)  # fmt: skip
     assert one["world_size"] == 1
 
-    from mico_ds.eval.__main__ import locate  # every way of naming the same checkpoint
+    from mico_ds.checkpoint import locate, run_config_file  # every way of naming the same checkpoint
 
     tag = f"step{STEPS:08d}"
     for where in (run, run / "checkpoints", run / "checkpoints" / tag):
-        assert locate(str(where), None, None) == ("zero", run / "checkpoints", tag, run / "config.yaml")
+        loc = locate(str(where), None, state_dicts=True)
+        found = (loc.kind, loc.path, loc.tag, run_config_file(loc))
+        assert found == ("zero", run / "checkpoints", tag, run / "config.yaml")
     for k in KEYS:
         assert one[k] == pytest.approx(logged[k], abs=1e-6), k

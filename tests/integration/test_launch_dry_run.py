@@ -75,9 +75,11 @@ def sections(out: str) -> dict[str, list[str]]:
     return blocks
 
 
-def micro_and_accum(recipe: str) -> tuple[int, int]:
-    """Straight from the recipe: per-rank micro batch = largest corpus batch, and grad_accum."""
+def micro_and_accum(recipe: str, world: int = 1) -> tuple[int, int]:
+    """Straight from the recipe: per-rank micro batch = largest corpus batch (derived from the global
+    batch sizes for ``world`` ranks where a corpus gives them), and grad_accum."""
     cfg = load_config(recipe, [])
+    cfg.data.resolve_batch_sizes(world, cfg.optim.grad_accum)
     return max(c.batch_size for c in cfg.data.corpora), cfg.optim.grad_accum
 
 
@@ -170,7 +172,7 @@ def test_slurm_dry_run_8x8(recipe: str, tmp_path: Path) -> None:
     assert "hostfile.py node-run --" in launch
 
     ds = json.loads("\n".join(sec["deepspeed"]))
-    micro, accum = micro_and_accum(recipe)
+    micro, accum = micro_and_accum(recipe, 64)
     assert ds["train_micro_batch_size_per_gpu"] == micro
     assert ds["gradient_accumulation_steps"] == accum
     assert ds["train_batch_size"] == micro * accum * 64
@@ -351,7 +353,9 @@ def test_shellcheck_clean() -> None:
             check=True,
             timeout=600,
         )
-    r = subprocess.run(["shellcheck", str(SLURM_SCRIPT), str(LOCAL_SCRIPT)], capture_output=True, text=True)
+    lib = SLURM_SCRIPT.parent / "lib.sh"  # sourced by both (-x follows the source lines)
+    cmd = ["shellcheck", "-x", str(SLURM_SCRIPT), str(LOCAL_SCRIPT), str(lib)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=SLURM_SCRIPT.parents[1])
     assert r.returncode == 0, r.stdout
 
 

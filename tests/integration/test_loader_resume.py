@@ -27,7 +27,7 @@ K, M = 5, 9  # split point and tail; omni gets 10 of the 14 steps: >= 2 epochs o
 def child(args: dict) -> None:
     from mico_ds.config import load_config
     from mico_ds.data import schema
-    from mico_ds.data.mixture import build_train_loader
+    from mico_ds.data.read.mixture import build_train_loader
 
     root = args["root"]
     cfg = load_config(
@@ -82,7 +82,7 @@ def wait(procs) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mico_ds.data.demo import make_demo_corpus
+    from mico_ds.demo.corpus import make_demo_corpus
 
     out = tmp_path_factory.mktemp("demo")
     make_demo_corpus(

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mico_ds.config import load_config
-from tests.integration.train_utils import REPO, env, free_port
+from tests.helpers.train import REPO, env, free_port
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

@@ -35,8 +35,8 @@ import pytest
 import torch
 import yaml
 
-from mico_ds.train import checkpoint as ckpt
-from tests.integration.train_utils import REPO, data_overrides, env, free_port, train_cmd
+from mico_ds import checkpoint as ckpt
+from tests.helpers.train import REPO, data_overrides, env, free_port, train_cmd
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

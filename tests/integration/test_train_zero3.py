@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.train_utils import REPO, data_overrides, env, run_train, train_cmd, train_records
+from tests.helpers.train import REPO, data_overrides, env, run_train, train_cmd, train_records
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 STEPS = 6

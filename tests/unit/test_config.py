@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from mico_ds.config import RunConfig, config_from_dict, help_text, list_recipes, load_config, to_dict
-from mico_ds.train.engine import DS_CONFIG_DIR, resolve_ds_config
+from mico_ds.distributed.ds_config import find_ds_config, list_ds_configs, resolve_ds_config
 
-DS_CONFIGS = sorted(p.name for p in DS_CONFIG_DIR.glob("*.json"))
+DS_CONFIGS = list_ds_configs()
 
 
 def test_there_are_recipes_and_ds_configs():
@@ -37,7 +37,7 @@ def test_every_ds_config_resolves(ds_name: str, world: int):
     ds = resolve_ds_config(cfg, world)
     assert all(v != "auto" for v in (ds["train_batch_size"], ds["gradient_accumulation_steps"]))
     assert ds["bf16"]["enabled"] in (True, False)
-    raw = json.loads((DS_CONFIG_DIR / ds_name).read_text())
+    raw = json.loads(find_ds_config(ds_name).read_text())
     assert not [k for k in raw if k.startswith("stage3_")], "stage3_* keys belong in zero_optimization"
 
 

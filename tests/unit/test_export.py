@@ -1,4 +1,4 @@
-"""mico_ds.export: sharded writer, and branch exports checked against timm and transformers themselves.
+"""mico_ds.checkpoint.formats: sharded writer, and branch exports checked against timm and transformers.
 
 The exports are built from a tiny random MiCoModel's state dict (no DeepSpeed here; the integration test
 tests/integration/test_convert.py does the same on a real 2-rank ZeRO-3 checkpoint).
@@ -12,19 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from mico_ds.config import VisionConfig
-from mico_ds.export import (
+from mico_ds.checkpoint.formats.hf_llama import export_text
+from mico_ds.checkpoint.formats.safetensors import load_state_dict, plan_shards, save_state_dict
+from mico_ds.checkpoint.formats.timm import (
     encoder_to_timm_names,
-    export_text,
     export_vision,
-    load_state_dict,
-    parse_size,
-    plan_shards,
-    save_state_dict,
+    timm_to_encoder_state_dict,
     timm_vit_args,
 )
+from mico_ds.cli.common import parse_size
+from mico_ds.config import VisionConfig
 from mico_ds.models.mico import MiCoModel
-from mico_ds.models.omni_encoder import timm_to_encoder_state_dict
 from tests.helpers.tiny import make_tiny_config
 
 
@@ -84,7 +82,7 @@ def test_save_state_dict_shards_and_reads_back(tmp_path: Path, safe: bool) -> No
 def test_timm_names_invert_timm_to_encoder() -> None:
     """encoder -> timm names is the inverse of the existing timm -> encoder mapping."""
     cfg = make_tiny_config()
-    model = MiCoModel(cfg, _special(96))
+    model = MiCoModel.from_run_config(cfg, _special(96))
     timm_map, extra = encoder_to_timm_names(list(model.encoder.state_dict()))
     timm_sd = {t: model.encoder.state_dict()[e] for t, e in timm_map.items()}
     back = timm_to_encoder_state_dict(timm_sd, model.encoder)
@@ -127,7 +125,7 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def trained(tokenizer) -> MiCoModel:
     torch.manual_seed(0)
-    model = MiCoModel(make_tiny_config(), tokenizer.special).eval()
+    model = MiCoModel.from_run_config(make_tiny_config(), tokenizer.special).eval()
     with torch.no_grad():  # move every parameter off its init (zeros, ones) so nothing matches by luck
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -138,7 +136,8 @@ def test_vision_export_loads_in_timm_with_same_features(trained: MiCoModel, tmp_
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
-    out = export_vision(trained.state_dict(), trained.cfg, tmp_path / "vision")
+    cfg = make_tiny_config()  # the config the fixture's model was built from
+    out = export_vision(trained.state_dict(), cfg.model, cfg.inputs, tmp_path / "vision")
     conf = json.loads((out / "config.json").read_text())
     vit = VisionTransformer(**conf["model_args"]).eval()
     vit.load_state_dict(load_state_dict(out), strict=True)
@@ -148,7 +147,7 @@ def test_vision_export_loads_in_timm_with_same_features(trained: MiCoModel, tmp_
         ours = trained.encoder(x, "image", pool=False)
         torch.testing.assert_close(vit.forward_features(x), ours)
         torch.testing.assert_close(by_name.forward_features(x), ours)
-    assert conf["pretrained_cfg"]["mean"] == list(trained.cfg.inputs.image_mean)
+    assert conf["pretrained_cfg"]["mean"] == list(cfg.inputs.image_mean)
     side = load_state_dict(out / "omni_tokenizers.safetensors")
     assert sorted(side) == [
         f"tokenizers.{m}.proj.{p}" for m in ("audio", "depth", "normal") for p in ("bias", "weight")
@@ -163,7 +162,8 @@ def test_text_export_loads_in_transformers_with_same_logits(
 ) -> None:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    out = export_text(trained.state_dict(), trained.cfg, tmp_path / "text", tokenizer, max_shard_size=20_000)
+    text_cfg = make_tiny_config().model.text
+    out = export_text(trained.state_dict(), text_cfg, tmp_path / "text", tokenizer, max_shard_size=20_000)
     assert (out / "model.safetensors.index.json").is_file()  # sharded: the path from_pretrained must follow
     hf = LlamaForCausalLM.from_pretrained(out, local_files_only=True).eval()
     hf_tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
@@ -182,13 +182,11 @@ def test_text_export_loads_in_transformers_with_same_logits(
 
 
 def test_export_refuses_a_mismatched_config(trained: MiCoModel, tokenizer, tmp_path: Path) -> None:
-    import copy
-
-    cfg = copy.deepcopy(trained.cfg)
+    cfg = make_tiny_config()
     cfg.model.vision.depth = 3
     with pytest.raises(ValueError, match="do not fit timm VisionTransformer"):
-        export_vision(trained.state_dict(), cfg, tmp_path / "v")
-    cfg = copy.deepcopy(trained.cfg)
+        export_vision(trained.state_dict(), cfg.model, cfg.inputs, tmp_path / "v")
+    cfg = make_tiny_config()
     cfg.model.text.num_layers = 3
     with pytest.raises(ValueError, match=r"2 layers\) do not match the config"):
-        export_text(trained.state_dict(), cfg, tmp_path / "t", tokenizer)
+        export_text(trained.state_dict(), cfg.model.text, tmp_path / "t", tokenizer)

@@ -4,21 +4,16 @@ predicted peak against a real 2-rank CPU run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from mico_ds import planner as plan
 from mico_ds.config import load_config
 from mico_ds.train.metrics import train_flops_per_sample
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("mico_plan", ROOT / "tools" / "plan.py")
-plan = importlib.util.module_from_spec(_spec)
-sys.modules["mico_plan"] = plan  # dataclasses look their module up
-_spec.loader.exec_module(plan)
 
 GiB = 2**30
 RECIPE = "vitg_llama2_7b_64gpu"

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from mico_ds.config import RunConfig, find_recipe, load_config
-from mico_ds.data.mixture import step_counts
+from mico_ds.data.read.mixture import step_counts
 from mico_ds.data.schema import SpecialTokens
+from mico_ds.distributed.ds_config import find_ds_config, offloads_optimizer, resolve_ds_config
 from mico_ds.models.mico import MiCoModel
-from mico_ds.train.engine import DS_CONFIG_DIR, offloads_optimizer, resolve_ds_config
-from tests.unit.objectives._dist import run_ranks
+from tests.helpers.ranks import run_ranks
 
 # Llama-2's tokenizer (32000 pieces) plus the <pad> and <mask> our tokenizer adds.
 LLAMA2_SPECIAL = SpecialTokens(vocab_size=32002, pad_id=32000, bos_id=1, eos_id=2, mask_id=32001)
@@ -48,7 +48,7 @@ def _meta_model(cfg: RunConfig) -> MiCoModel:
     # directory's config.json must match them: text_branch.pretrained_llama_config checks it).
     cfg.model.vision.pretrained = cfg.model.text.pretrained = None
     with torch.device("meta"):
-        return MiCoModel(cfg, LLAMA2_SPECIAL)
+        return MiCoModel.from_run_config(cfg, LLAMA2_SPECIAL)
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
@@ -78,6 +78,7 @@ def test_paper_batches_steps_and_schedule(recipe: str) -> None:
     cfg = load_config(recipe)
     world = cfg.launch["nodes"] * cfg.launch["gpus_per_node"]
     assert world == ref["world"]
+    cfg.data.resolve_batch_sizes(world, cfg.optim.grad_accum)  # per-rank sizes from the global batches
     for c in cfg.data.corpora:
         if c.name in PAPER_BATCH:
             assert c.batch_size * cfg.optim.grad_accum * world == PAPER_BATCH[c.name], c.name
@@ -110,7 +111,7 @@ def test_recipe_opens_with_its_command(recipe: str) -> None:
 def test_gpu_ds_configs_set_every_stage3_key(name: str) -> None:
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    raw = json.loads((DS_CONFIG_DIR / name).read_text())
+    raw = json.loads(find_ds_config(name).read_text())
     z = raw["zero_optimization"]
     assert set(z) >= STAGE3_KEYS, sorted(STAGE3_KEYS - set(z))
     assert not [k for k in raw if k.startswith("stage3_")]
@@ -118,7 +119,7 @@ def test_gpu_ds_configs_set_every_stage3_key(name: str) -> None:
     parsed = DeepSpeedZeroConfig(**z)
     assert parsed.stage == 3 and parsed.overlap_comm and parsed.contiguous_gradients
     assert parsed.prefetch_bucket_size == z["stage3_prefetch_bucket_size"]
-    assert raw["bf16"]["enabled"] is True
+    assert raw["bf16"]["enabled"] == "auto"  # train.precision decides (bf16 in the GPU recipes, below)
     assert offloads_optimizer(raw) == ("offload" in name)
     if "offload" in name:
         assert z["offload_param"]["device"] == "cpu" and z["offload_optimizer"]["device"] == "cpu"
@@ -130,9 +131,9 @@ def _engine_worker(rank: int, name: str) -> list[float]:
     """Two steps of a real ZeRO-3 engine with this JSON (bf16, overlap_comm, buckets) on a CPU rank."""
     import deepspeed
 
-    from mico_ds.train.engine import make_optimizer
+    from mico_ds.distributed.engine import make_optimizer
 
-    cfg = load_config("debug", [f"train.ds_config={name}"])
+    cfg = load_config("debug", [f"train.ds_config={name}", "train.precision=bf16"])
     ds = resolve_ds_config(cfg, 1)
     with deepspeed.zero.Init(config_dict_or_path=ds):
         model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 4))

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mico_ds.distributed.launch import free_port
+
 PACKAGES = ["slurmctld", "slurmd", "munge", "slurm-client"]
 BINARIES = ["slurmctld", "slurmd", "munged", "sbatch", "srun", "scontrol", "squeue", "sinfo", "scancel"]
 SBIN = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
@@ -64,12 +66,6 @@ def install(timeout: float = 900) -> None:
         raise RuntimeError(f"installed {PACKAGES} but still missing {missing_binaries()}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def real_memory_mb(margin_mb: int = 1024) -> int:
     """MemTotal minus a margin: slurmd drains a node that reports less than RealMemory."""
     for line in Path("/proc/meminfo").read_text().splitlines():
@@ -85,8 +81,11 @@ def first_job_id() -> int:
     that both started at job 1 (tests running at once on one machine) would share a port.
     """
     rng = random.Random()
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for _ in range(100):
-        jid = rng.randrange(1000, 19000)
+        # Below the kernel's ephemeral range (32768 by default): a port there can be taken by any
+        # outgoing connection between this check and the job's rendezvous.
+        jid = rng.randrange(1000, max(1001, min(19000, low - 20000)))
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", 20000 + jid))
@@ -169,8 +168,8 @@ class SlurmCluster:
         text = SLURM_CONF.format(
             host=self.host,
             tmp=self.tmp,
-            ctld_port=free_port(),
-            d_port=free_port(),
+            ctld_port=free_port(""),
+            d_port=free_port(""),
             munge_socket=self.munge_socket,
             cpus=self.cpus,
             mem=real_memory_mb(),

@@ -11,8 +11,13 @@ import pytest
 import torch
 
 from mico_ds.config import InputConfig
-from mico_ds.data import decode as D
-from mico_ds.data import media, schema
+from mico_ds.data import io as data_io
+from mico_ds.data import schema
+from mico_ds.data.read import audio as A
+from mico_ds.data.read import decode as D
+from mico_ds.data.read import skips
+from mico_ds.data.read import visual as V
+from mico_ds.data.write import media as media
 
 INP = InputConfig(image_size=32, num_frames=4, mel_bins=64, clip_frames=64, num_clips=2)
 
@@ -39,7 +44,7 @@ def test_solid_image_decodes_to_its_colour(fmt: str, train: bool) -> None:
     rgb = (200, 40, 90)
     data = media.encode_jpeg(solid(60, 90, rgb), 95) if fmt == "jpg" else media.encode_png(solid(60, 90, rgb))
     rng = np.random.default_rng(0) if train else None
-    x, _ = D.decode_image(data, INP, train, rng)
+    x, _ = V.decode_image(data, INP, train, rng)
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
     got = denorm(x).mean(dim=(1, 2))
     torch.testing.assert_close(got, torch.tensor(rgb, dtype=torch.float32) / 255, atol=3 / 255, rtol=0)
@@ -49,21 +54,21 @@ def test_eval_crop_is_the_center_square() -> None:
     # 96 x 32: green | red | green thirds -> the central 32 x 32 square is red only.
     a = solid(32, 96, (0, 200, 0))
     a[:, 32:64] = (200, 0, 0)
-    x, crop = D.decode_image(media.encode_png(a), INP, train=False)
-    assert crop == D.Crop(1 / 3, 0.0, 2 / 3, 1.0)
+    x, crop = V.decode_image(media.encode_png(a), INP, train=False)
+    assert crop == V.Crop(1 / 3, 0.0, 2 / 3, 1.0)
     rgb = denorm(x)
     assert rgb[0].min() > 0.7 and rgb[1].max() < 0.1  # all red, no green anywhere
 
 
 def test_train_crop_is_seeded_and_within_scale() -> None:
     data = media.encode_jpeg(np.random.default_rng(1).integers(0, 255, (120, 160, 3), dtype=np.uint8))
-    a, ca = D.decode_image(data, INP, True, np.random.default_rng(7))
-    b, cb = D.decode_image(data, INP, True, np.random.default_rng(7))
-    c, cc = D.decode_image(data, INP, True, np.random.default_rng(8))
+    a, ca = V.decode_image(data, INP, True, np.random.default_rng(7))
+    b, cb = V.decode_image(data, INP, True, np.random.default_rng(7))
+    c, cc = V.decode_image(data, INP, True, np.random.default_rng(8))
     assert ca == cb and torch.equal(a, b)
     assert ca != cc
     for seed in range(50):
-        cr = D.random_resized_crop(160, 120, INP.train_crop_scale, np.random.default_rng(seed))
+        cr = V.random_resized_crop(160, 120, INP.train_crop_scale, np.random.default_rng(seed))
         area = (cr.x1 - cr.x0) * (cr.y1 - cr.y0)
         assert INP.train_crop_scale[0] - 0.02 <= area <= INP.train_crop_scale[1] + 1e-9
         assert 0 <= cr.x0 < cr.x1 <= 1 and 0 <= cr.y0 < cr.y1 <= 1
@@ -73,15 +78,15 @@ def test_jpeg_draft_matches_full_decode() -> None:
     # A smooth 512 px image: the reduced-scale DCT decode must agree with a full decode + resize.
     yy, xx = np.mgrid[0:512, 0:512]
     a = np.stack([xx / 2, yy / 2, (xx + yy) / 4], -1).astype(np.uint8)
-    x_jpg, _ = D.decode_image(media.encode_jpeg(a, 95), INP, train=False)
-    x_png, _ = D.decode_image(media.encode_png(a), INP, train=False)
+    x_jpg, _ = V.decode_image(media.encode_jpeg(a, 95), INP, train=False)
+    x_png, _ = V.decode_image(media.encode_png(a), INP, train=False)
     assert (denorm(x_jpg) - denorm(x_png)).abs().mean() < 2 / 255
 
 
 @pytest.mark.parametrize("data", [b"", b"\xff\xd8\xff" + b"\x00" * 20, b"not an image"])
 def test_bad_image_is_a_skip(data: bytes) -> None:
-    with pytest.raises(D.SkipSample) as e:
-        D.decode_image(data, INP, train=False)
+    with pytest.raises(skips.SkipSample) as e:
+        V.decode_image(data, INP, train=False)
     assert e.value.reason == "bad_image"
 
 
@@ -89,11 +94,11 @@ def test_bad_image_is_a_skip(data: bytes) -> None:
 
 
 def test_frame_indices() -> None:
-    assert D.frame_indices(16, 4, False, None) == [1, 5, 9, 13]
-    assert D.frame_indices(3, 4, False, None) == [0, 0, 1, 2]  # short videos repeat frames
+    assert V.frame_indices(16, 4, False, None) == [1, 5, 9, 13]
+    assert V.frame_indices(3, 4, False, None) == [0, 0, 1, 2]  # short videos repeat frames
     rng = np.random.default_rng(0)
     for _ in range(20):
-        idx = D.frame_indices(16, 4, True, rng)
+        idx = V.frame_indices(16, 4, True, rng)
         assert [i // 4 for i in idx] == [0, 1, 2, 3]  # one inside each segment
 
 
@@ -110,43 +115,43 @@ def frame_ids(x: torch.Tensor) -> list[int]:
 @pytest.mark.parametrize("fmt", ["mp4", "webm", "gif"])
 def test_video_samples_the_right_frames(fmt: str) -> None:
     data = media.encode_video(coded_frames(12), fps=8, fmt=fmt)
-    x, _ = D.decode_video(data, INP, train=False)
+    x, _ = V.decode_video(data, INP, train=False)
     assert x.shape == (4, 3, 32, 32)
-    assert frame_ids(x) == D.frame_indices(12, 4, False, None)
-    x, _ = D.decode_video(data, INP, train=True, rng=np.random.default_rng(3))
-    assert frame_ids(x) == D.frame_indices(12, 4, True, np.random.default_rng(3))
+    assert frame_ids(x) == V.frame_indices(12, 4, False, None)
+    x, _ = V.decode_video(data, INP, train=True, rng=np.random.default_rng(3))
+    assert frame_ids(x) == V.frame_indices(12, 4, True, np.random.default_rng(3))
 
 
 def test_pre_extracted_frames_equal_video_decode() -> None:
     frames = coded_frames(12)
     sample = {f"frame{i}.jpg": media.encode_jpeg(f, 95) for i, f in enumerate(frames)}
     sample["frame10.jpg"], sample["frame2.jpg"] = sample["frame10.jpg"], sample["frame2.jpg"]
-    names = D.frame_members(sample)
+    names = data_io.frame_members(sample)
     assert names == [f"frame{i}.jpg" for i in range(12)]  # numeric, not lexicographic, order
-    x, _ = D.decode_frames([sample[n] for n in names], INP, train=False)
+    x, _ = V.decode_frames([sample[n] for n in names], INP, train=False)
     assert x.shape == (4, 3, 32, 32)
-    assert frame_ids(x) == D.frame_indices(12, 4, False, None)
+    assert frame_ids(x) == V.frame_indices(12, 4, False, None)
 
 
 def test_video_frames_share_one_crop() -> None:
     # A static textured video: every sampled frame, cropped identically, must be identical.
     tex = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
     sample = [media.encode_png(tex)] * 8
-    x, crop = D.decode_frames(sample, INP, train=True, rng=np.random.default_rng(5))
+    x, crop = V.decode_frames(sample, INP, train=True, rng=np.random.default_rng(5))
     assert all(torch.equal(x[0], x[t]) for t in range(1, 4))
-    assert crop != D.center_crop(64, 48)
+    assert crop != V.center_crop(64, 48)
 
 
 def test_eval_num_frames() -> None:
     inp = InputConfig(image_size=16, num_frames=4, eval_num_frames=6)
     data = media.encode_mp4(coded_frames(12))
-    assert D.decode_video(data, inp, train=False)[0].shape == (6, 3, 16, 16)
-    assert D.decode_video(data, inp, train=True, rng=np.random.default_rng(0))[0].shape == (4, 3, 16, 16)
+    assert V.decode_video(data, inp, train=False)[0].shape == (6, 3, 16, 16)
+    assert V.decode_video(data, inp, train=True, rng=np.random.default_rng(0))[0].shape == (4, 3, 16, 16)
 
 
 def test_not_a_video_is_a_skip() -> None:
-    with pytest.raises(D.SkipSample) as e:
-        D.decode_video(b"\x00\x00\x00\x18ftypmp42" + b"junk" * 100, INP, train=False)
+    with pytest.raises(skips.SkipSample) as e:
+        V.decode_video(b"\x00\x00\x00\x18ftypmp42" + b"junk" * 100, INP, train=False)
     assert e.value.reason == "bad_video"
 
 
@@ -183,7 +188,7 @@ def test_kaldi_fbank_matches_the_formula() -> None:
     rng = np.random.default_rng(0)
     t = np.arange(8000) / 16000
     wave = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
-    got = D.kaldi_fbank(wave, 16000, 64)
+    got = A.kaldi_fbank(wave, 16000, 64)
     ref = kaldi_fbank_reference(wave, 16000, 64)
     assert got.shape == ref.shape == (1 + (8000 - 400) // 160, 64)
     np.testing.assert_allclose(got, ref, atol=2e-3, rtol=1e-4)
@@ -202,7 +207,7 @@ def test_tone_peaks_at_its_mel_bin(fmt: str, rate: int) -> None:
     t = np.arange(int(rate * 1.5)) / rate
     wave = (0.5 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32)
     enc = {"flac": media.encode_flac, "wav": media.encode_wav, "mp3": media.encode_mp3}[fmt]
-    x = D.decode_audio(enc(wave, rate), fmt, INP, train=False)
+    x = A.decode_audio(enc(wave, rate), fmt, INP, train=False)
     assert x.shape == (2, 1, 64, 64) and x.dtype == torch.float32
     profile = x[0, 0].mean(dim=1)  # (F,)
     assert int(profile.argmax()) == expected_mel_bin(1000, 16000, 64)
@@ -213,7 +218,7 @@ def test_stereo_is_mixed_to_mono_and_resampled() -> None:
     t = np.arange(rate) / rate
     tone = np.sin(2 * np.pi * 1000 * t)
     stereo = np.stack([0.4 * tone, 0.4 * tone], axis=1).astype(np.float32)
-    wave = D.load_waveform(media.encode_wav(stereo, rate), "wav", 16000)
+    wave = A.load_waveform(media.encode_wav(stereo, rate), "wav", 16000)
     assert abs(len(wave) - 16000) <= 32
     assert abs(np.abs(wave[1000:-1000]).max() - 0.4) < 0.02
 
@@ -221,8 +226,8 @@ def test_stereo_is_mixed_to_mono_and_resampled() -> None:
 def test_audio_clips_equal_slices_of_the_full_filterbank() -> None:
     inp = InputConfig(mel_bins=32, clip_frames=50, num_clips=3)
     wave = np.random.default_rng(0).standard_normal(16000 * 3).astype(np.float32) * 0.1
-    x = D.audio_clips(wave, inp, train=False)  # (3, 1, 32, 50)
-    full = D.kaldi_fbank(wave - wave.mean(), 16000, 32)
+    x = A.audio_clips(wave, inp, train=False)  # (3, 1, 32, 50)
+    full = A.kaldi_fbank(wave - wave.mean(), 16000, 32)
     full = (full - inp.audio_mean) / (2 * inp.audio_std)
     n_slices = math.ceil(full.shape[0] / 50)
     groups = np.array_split(np.arange(n_slices), 3)
@@ -235,7 +240,7 @@ def test_audio_clips_equal_slices_of_the_full_filterbank() -> None:
 def test_short_audio_is_padded() -> None:
     inp = InputConfig(mel_bins=32, clip_frames=100, num_clips=2)
     wave = np.random.default_rng(0).standard_normal(8000).astype(np.float32) * 0.1  # 0.5 s = 48 frames
-    x = D.audio_clips(wave, inp, train=True, rng=np.random.default_rng(0))
+    x = A.audio_clips(wave, inp, train=True, rng=np.random.default_rng(0))
     assert x.shape == (2, 1, 32, 100)
     real = [c for c in range(2) if x[c].abs().sum() > 0]
     assert len(real) == 1  # one clip holds the audio, the other is padding
@@ -244,15 +249,15 @@ def test_short_audio_is_padded() -> None:
 
 def test_train_audio_is_reproducible() -> None:
     wave = np.random.default_rng(0).standard_normal(16000 * 4).astype(np.float32) * 0.1
-    a = D.audio_clips(wave, INP, True, np.random.default_rng(3))
-    b = D.audio_clips(wave, INP, True, np.random.default_rng(3))
+    a = A.audio_clips(wave, INP, True, np.random.default_rng(3))
+    b = A.audio_clips(wave, INP, True, np.random.default_rng(3))
     assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("data", [b"", b"fLaC" + b"\x00" * 40, b"RIFF....WAVEjunk"])
 def test_bad_audio_is_a_skip(data: bytes) -> None:
-    with pytest.raises(D.SkipSample) as e:
-        D.decode_audio(data, "flac", INP, train=False)
+    with pytest.raises(skips.SkipSample) as e:
+        A.decode_audio(data, "flac", INP, train=False)
     assert e.value.reason == "bad_audio"
 
 
@@ -274,8 +279,8 @@ def test_depth_is_normalized_and_shares_the_image_crop(ext: str) -> None:
         np.save(buf, depth.astype(np.float32))
         dbytes = buf.getvalue()
     rng = np.random.default_rng(11)
-    x, crop = D.decode_image(media.encode_png(img), INP, True, rng)
-    d, crop_d = D.decode_depth(dbytes, ext, INP, True, rng, crop)
+    x, crop = V.decode_image(media.encode_png(img), INP, True, rng)
+    d, crop_d = V.decode_depth(dbytes, ext, INP, True, rng, crop)
     assert crop_d == crop and d.shape == (1, 32, 32)
     assert abs(d.mean().item()) < 1e-4 and abs(d.std(unbiased=False).item() - 1) < 1e-3
     red = denorm(x)[0] > 0.5
@@ -287,7 +292,7 @@ def test_normals_round_trip() -> None:
     n = np.zeros((40, 40, 3), np.float32)
     n[:, :20] = (0, 0, 1)
     n[:, 20:] = (0.6, 0, 0.8)
-    x, _ = D.decode_normal(media.encode_normal_png(n), INP, train=False)
+    x, _ = V.decode_normal(media.encode_normal_png(n), INP, train=False)
     assert x.shape == (3, 32, 32)
     left, right = x[:, :, :12].mean(dim=(1, 2)), x[:, :, 20:].mean(dim=(1, 2))
     torch.testing.assert_close(left, torch.tensor([0.0, 0.0, 1.0]), atol=1 / 127, rtol=0)
@@ -313,7 +318,7 @@ def test_captions_in_schema_order() -> None:
 
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b'{"captions": "str"}'])
 def test_bad_json_is_a_skip(raw: bytes) -> None:
-    with pytest.raises(D.SkipSample) as e:
+    with pytest.raises(skips.SkipSample) as e:
         D.caption_fields({"json": raw})
     assert e.value.reason == "bad_json"
 
@@ -341,7 +346,7 @@ def test_sample_decoder_all_modalities_and_missing_one() -> None:
     assert out["normal"].shape == (3, 32, 32)
     assert D.join_captions(out["fields"]) == "grey ; hum"
     del sample["flac"]
-    with pytest.raises(D.SkipSample) as e:
+    with pytest.raises(skips.SkipSample) as e:
         dec(sample, np.random.default_rng(0))
     assert e.value.reason == "missing_modality"
     # Extra members are ignored: an image-only decoder does not touch the (absent) audio.

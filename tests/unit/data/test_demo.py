@@ -17,9 +17,10 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from mico_ds.data import demo, schema
-from mico_ds.data.media import normals_from_depth
-from mico_ds.data.shards import expand_shards, iter_tar_samples
+from mico_ds import demo
+from mico_ds.data import schema
+from mico_ds.data.io import expand_urls, iter_tar_samples
+from mico_ds.data.write.media import normals_from_depth
 
 TINY = {"num_train": 16, "num_val": 8, "samples_per_shard": 8, "progress": False}
 REPO = Path(__file__).resolve().parents[3]
@@ -33,7 +34,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 
 def samples_of(out: Path, pattern: str) -> list[tuple[str, dict[str, bytes]]]:
-    return [s for shard in expand_shards(str(out / pattern)) for s in iter_tar_samples(shard)]
+    return [s for shard in expand_urls(str(out / pattern)) for s in iter_tar_samples(shard)]
 
 
 def all_files(out: Path) -> dict[str, bytes]:
@@ -61,9 +62,9 @@ def test_layout_index_and_sizes(corpus: tuple[Path, dict]) -> None:
     for corpus_name, entry in index["corpora"].items():
         sizes = json.loads((out / corpus_name / schema.SIZES_FILE).read_text())
         for split, info in entry["splits"].items():
-            shards = expand_shards(str(out / info["shards"]))
+            shards = expand_urls(str(out / info["shards"]))
             assert len(shards) == info["num_shards"] == -(-info["num_samples"] // TINY["samples_per_shard"])
-            counts = {p.name: sum(1 for _ in iter_tar_samples(p)) for p in shards}
+            counts = {Path(p).name: sum(1 for _ in iter_tar_samples(p)) for p in shards}
             assert counts == {k: v for k, v in sizes.items() if k.startswith(split + "-")}
             assert sum(counts.values()) == info["num_samples"]
     assert (out / index["tokenizer"]["path"]).is_file()
@@ -228,7 +229,10 @@ def test_every_caption_word_is_grounded_in_the_media(corpus: tuple[Path, dict]) 
         spec = np.abs(np.fft.rfft(wave))
         freqs = np.fft.rfftfreq(len(wave), 1 / sr)
         f0 = freqs[spec.argmax()]
-        assert min(demo.PITCHES, key=lambda p: abs(np.log(demo.PITCHES[p] / f0))) == pitch, (key, f0)
+        assert min(demo.PITCHES, key=lambda p: abs(np.log(demo.PITCHES[p] / f0))) == pitch, (
+            key,
+            f0,
+        )
         third_harmonic = spec[np.abs(freqs - 3 * f0) < 10].max() / spec.max()
         assert (third_harmonic > 0.15) == (timbre == "buzzing"), (key, third_harmonic)
 
@@ -315,7 +319,7 @@ def test_invalid_parameters_are_named() -> None:
 
 _ENSURE = """
 import json, sys
-from mico_ds.data.demo import ensure_demo_corpus
+from mico_ds.demo import ensure_demo_corpus
 index = ensure_demo_corpus(sys.argv[1], num_train=24, num_val=8, samples_per_shard=8, progress=False)
 print(json.dumps(index))
 """
@@ -338,7 +342,7 @@ def test_ensure_from_two_concurrent_processes_yields_one_valid_corpus(tmp_path: 
     # identical index (incl. the generation time): one process generated, the other read its result
     assert a == b == json.loads((out / demo.INDEX_FILE).read_text())
     assert not list(out.rglob("*.tmp*"))
-    n = sum(1 for shard in expand_shards(str(out / "omni")) for _ in iter_tar_samples(shard))
+    n = sum(1 for shard in expand_urls(str(out / "omni")) for _ in iter_tar_samples(shard))
     assert n == 24 + 8
 
     # a second call reuses it; other parameters regenerate

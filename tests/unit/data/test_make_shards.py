@@ -14,8 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mico_ds.data import media, schema
-from mico_ds.data.shards import ManifestError, ShardWriter, iter_tar_samples, make_shards, scan_shards
+from mico_ds.data import schema
+from mico_ds.data.io import iter_tar_samples
+from mico_ds.data.write import media as media
+from mico_ds.data.write.manifest import ManifestError, make_shards
+from mico_ds.data.write.subsets import scan_shards
+from mico_ds.data.write.tar import ShardWriter
 
 REPO = Path(__file__).resolve().parents[3]
 RNG = np.random.default_rng(0)

@@ -12,9 +12,10 @@ import torch
 
 from mico_ds.config import CorpusConfig, load_config
 from mico_ds.data import schema
-from mico_ds.data.decode import caption_fields, join_captions
-from mico_ds.data.demo import make_demo_corpus
-from mico_ds.data.mixture import (
+from mico_ds.data.io import expand_urls, iter_tar
+from mico_ds.data.read.decode import caption_fields, join_captions
+from mico_ds.data.read.loader import CorpusLoader
+from mico_ds.data.read.mixture import (
     MixtureLoader,
     Schedule,
     build_corpus_loader,
@@ -22,7 +23,7 @@ from mico_ds.data.mixture import (
     build_train_loader,
     step_counts,
 )
-from mico_ds.data.pipeline import CorpusLoader, expand_urls, iter_tar
+from mico_ds.demo.corpus import make_demo_corpus
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,12 @@ import pytest
 import torch
 
 from mico_ds.config import CorpusConfig, DataConfig, InputConfig
-from mico_ds.data import media, schema
-from mico_ds.data.demo import make_demo_corpus
-from mico_ds.data.pipeline import CorpusLoader, EvalLoader, StreamPlan, expand_urls, iter_tar
+from mico_ds.data import schema
+from mico_ds.data.io import expand_urls, iter_tar
+from mico_ds.data.read.loader import CorpusLoader, EvalLoader
+from mico_ds.data.read.plan import StreamPlan
+from mico_ds.data.write import media as media
+from mico_ds.demo.corpus import make_demo_corpus
 
 INP = InputConfig(image_size=32, num_frames=4, mel_bins=32, clip_frames=48, num_clips=2)
 OMNI = list(schema.MODALITIES)

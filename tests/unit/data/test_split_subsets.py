@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mico_ds.data import demo, schema
-from mico_ds.data.shards import expand_shards, iter_tar_samples, nested_stratified_subsets, resolve_sizes
+from mico_ds import demo
+from mico_ds.data import schema
+from mico_ds.data.io import expand_urls, iter_tar_samples
+from mico_ds.data.write.subsets import nested_stratified_subsets, resolve_sizes
 
 REPO = Path(__file__).resolve().parents[3]
 TOOL = [sys.executable, "tools/split_subsets.py"]
@@ -123,7 +125,7 @@ def test_cli_on_shards_writes_keys_and_subset_shards(tmp_path: Path) -> None:
     assert len(small) == 8 and len(big) == 24 and set(small) <= set(big)
     for name, keys in (("small", small), ("big", big)):
         sizes = json.loads((out / name / schema.SIZES_FILE).read_text())
-        shards = expand_shards(out / name)
+        shards = expand_urls(out / name)
         assert sum(sizes.values()) == len(keys) and len(shards) == -(-len(keys) // 10)
         samples = [(k, m) for s in shards for k, m in iter_tar_samples(s)]
         assert sorted(k for k, _ in samples) == sorted(keys)

@@ -12,7 +12,7 @@ import sentencepiece as spm
 import torch
 from sentencepiece import sentencepiece_model_pb2
 
-from mico_ds.data import demo
+from mico_ds import demo
 from mico_ds.data.tokenizer import LLAMA2_TRAINER_SPEC, Tokenizer, train_sentencepiece
 
 REPO = Path(__file__).resolve().parents[3]

@@ -142,8 +142,8 @@ def test_min_len_and_no_eos() -> None:
 @pytest.fixture(scope="module")
 def tiny() -> tuple[MiCoModel, dict, torch.Tensor]:
     torch.manual_seed(0)
-    model = MiCoModel(make_tiny_config(), make_tiny_special()).eval()
-    batch = make_random_batch(model.cfg, ["image", "audio"], 3, seed=1)
+    model = MiCoModel.from_run_config(make_tiny_config(), make_tiny_special()).eval()
+    batch = make_random_batch(make_tiny_config(), ["image", "audio"], 3, seed=1)
     with torch.no_grad():
         prefix = model.context_prefix(batch)
     return model, batch, prefix

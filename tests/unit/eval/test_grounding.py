@@ -13,11 +13,11 @@ from tests.helpers.tiny import make_random_batch, make_tiny_config, make_tiny_sp
 
 def _model() -> MiCoModel:
     torch.manual_seed(0)
-    return MiCoModel(make_tiny_config(), make_tiny_special()).eval()
+    return MiCoModel.from_run_config(make_tiny_config(), make_tiny_special()).eval()
 
 
 def _batch(model: MiCoModel, seed: int, valid: list[bool]) -> dict:
-    b = make_random_batch(model.cfg, ["image", "audio"], len(valid), seed=seed)
+    b = make_random_batch(make_tiny_config(), ["image", "audio"], len(valid), seed=seed)
     b["valid"] = torch.tensor(valid)
     return b
 

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from mico_ds import demo
 from mico_ds.config import EvalConfig, load_config
-from mico_ds.data import demo, schema
-from mico_ds.data.pipeline import EvalLoader, eval_extras
+from mico_ds.data import schema
+from mico_ds.data.read.batch import eval_extras
+from mico_ds.data.read.loader import EvalLoader
 from mico_ds.eval.captioning import DecodeOptions, generate
 from mico_ds.eval.qa import evaluate_qa, exact_match, normalize_answer
 from mico_ds.models.mico import MiCoModel
@@ -67,7 +69,7 @@ def test_eval_loader_carries_texts_and_qa_while_training_batches_do_not(tmp_path
     for b in batches:
         assert [t[0] for t in b[schema.EVAL_TEXTS]] == b[schema.CAPTIONS]
         assert all(len(q) >= 7 for q in b[schema.QA])
-    from mico_ds.data.mixture import build_train_loader
+    from mico_ds.data.read.mixture import build_train_loader
 
     train = next(iter(build_train_loader(cfg)))
     assert schema.QA not in train and schema.EVAL_TEXTS not in train
@@ -96,8 +98,8 @@ class WordTokenizer:
 @torch.no_grad()
 def test_evaluate_qa_equals_decoding_each_question() -> None:
     torch.manual_seed(0)
-    model = MiCoModel(make_tiny_config(), make_tiny_special()).eval()
-    batch = make_random_batch(model.cfg, ["image"], 3, seed=2)
+    model = MiCoModel.from_run_config(make_tiny_config(), make_tiny_special()).eval()
+    batch = make_random_batch(make_tiny_config(), ["image"], 3, seed=2)
     batch["valid"] = torch.tensor([True, True, False])
     batch[schema.QA] = [[{"q": "5 6", "a": "x", "type": "t1"}], [{"q": "7", "a": "y", "type": "t2"}] * 2, []]
     opts = DecodeOptions(num_beams=2, max_len=3)

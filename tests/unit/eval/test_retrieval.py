@@ -17,8 +17,8 @@ from mico_ds.eval.retrieval import (
     retrieval_metrics,
 )
 from mico_ds.models.mico import MiCoModel
+from tests.helpers.ranks import run_ranks
 from tests.helpers.tiny import make_random_batch, make_tiny_config, make_tiny_special
-from tests.unit.objectives._dist import run_ranks
 
 
 def brute_rank(scores: list[float], positives: set[int]) -> int:
@@ -95,7 +95,7 @@ class ListTokenizer:
 
 def _model() -> MiCoModel:
     torch.manual_seed(0)
-    return MiCoModel(make_tiny_config(), make_tiny_special()).eval()
+    return MiCoModel.from_run_config(make_tiny_config(), make_tiny_special()).eval()
 
 
 def _batches(n_batches: int, seed: int, valid_last: int | None = None) -> list[dict]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.unit.kernels._helpers import fresh_seed
+from tests.helpers.seeds import fresh_seed
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

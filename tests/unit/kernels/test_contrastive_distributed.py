@@ -12,7 +12,8 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from tests.unit.kernels._helpers import free_port, fresh_seed
+from mico_ds.distributed.launch import free_port
+from tests.helpers.seeds import fresh_seed
 
 WORLD = 2
 # (b, E, tile, impls): b=1; b, N=2b and E not multiples of the tile or of the Triton blocks.

@@ -14,11 +14,13 @@ import torch.nn.functional as F
 from mico_ds.config import InputConfig, ModelConfig, RunConfig, TextConfig, VisionConfig
 from mico_ds.data.schema import MODALITIES, SpecialTokens
 from mico_ds.kernels.contrastive import sample_hard_negatives_tiled
-from mico_ds.models.mico import _STREAM_GENERATION, _STREAM_MATCHING, MiCoModel
+from mico_ds.models.mico import MiCoModel
+from mico_ds.objectives.contrastive import resolve_impl
 from mico_ds.objectives.generation import mask_caption_tokens
 from mico_ds.objectives.matching import sample_hard_negatives
+from mico_ds.objectives.seeding import RandomStream
+from tests.helpers.ranks import run_ranks
 from tests.helpers.tiny import make_random_batch, make_tiny_config, make_tiny_special
-from tests.unit.objectives._dist import run_ranks
 
 SUBSETS = [["image"], ["video", "audio"], ["depth", "normal"], list(MODALITIES)]
 TOKENIZER_OF = {"image": "rgb", "video": "rgb", "audio": "audio", "depth": "depth", "normal": "normal"}
@@ -30,15 +32,15 @@ def _model(weights: tuple[float, float, float] = (1.0, 1.0, 1.0), **model_kw: ob
         weights
     )
     torch.manual_seed(0)
-    model = MiCoModel(cfg, make_tiny_special())
-    model.contrastive_impl = "naive"
+    model = MiCoModel.from_run_config(cfg, make_tiny_special())
+    model.objective_impl = "naive"
     return model
 
 
 @pytest.mark.parametrize("mods", SUBSETS, ids=["+".join(m) for m in SUBSETS])
 def test_forward_backward_every_expected_parameter_gets_a_gradient(mods: list[str]) -> None:
     model = _model().train()
-    batch = make_random_batch(model.cfg, mods, batch_size=4, seed=1, joined=True)
+    batch = make_random_batch(make_tiny_config(), mods, batch_size=4, seed=1, joined=True)
     losses, report = model(batch)
     assert set(losses) == {"contrastive_loss", "matching_loss", "generation_loss", "loss"}
     for k, v in {**losses, **report}.items():
@@ -75,7 +77,7 @@ def test_zero_weight_terms_are_skipped(
     weights: tuple[float, float, float], no_grad_prefixes: list[str]
 ) -> None:
     model = _model(weights).train()
-    losses, report = model(make_random_batch(model.cfg, ["image"], 4, seed=2))
+    losses, report = model(make_random_batch(make_tiny_config(), ["image"], 4, seed=2))
     for key, w in zip(("contrastive_loss", "matching_loss", "generation_loss"), weights):
         if w == 0:
             assert float(losses[key]) == 0 and not losses[key].requires_grad
@@ -91,7 +93,7 @@ def test_zero_weight_terms_are_skipped(
 
 def test_loss_is_the_weighted_sum() -> None:
     model = _model((2.0, 0.5, 3.0))
-    losses, _ = model(make_random_batch(model.cfg, ["image", "depth"], 4, seed=3))
+    losses, _ = model(make_random_batch(make_tiny_config(), ["image", "depth"], 4, seed=3))
     expect = (
         2.0 * losses["contrastive_loss"] + 0.5 * losses["matching_loss"] + 3.0 * losses["generation_loss"]
     )
@@ -108,13 +110,12 @@ def test_invalid_weights_raise() -> None:
 def test_generation_loss_equals_a_hand_built_reference() -> None:
     """CE only at the masked positions, predicting the original token, prefix in front (Eq. 6)."""
     model = _model((0.0, 0.0, 1.0)).eval()
-    batch = make_random_batch(model.cfg, ["video"], 3, seed=4)
+    batch = make_random_batch(make_tiny_config(), ["video"], 3, seed=4)
     ids, mask = batch["text_ids"], batch["text_mask"]
-    model.set_step(7)
-    g = model._generator(ids.device, _STREAM_GENERATION)  # the draw forward() will make
+    g = model.generator(RandomStream.GENERATION, 7, 0, ids.device)  # the draw forward(step=7) will make
     masked_ids, is_masked = mask_caption_tokens(ids, mask, 0.6, model.special, g)
     with torch.no_grad():
-        losses, report = model(batch)
+        losses, report = model(batch, step=7)
         prefix = model.context_prefix(batch)
         out = model.text(masked_ids, mask, prefix=prefix)
         logits = model.text.lm_logits(out.hidden[:, prefix.shape[1] :])  # (B, L, V)
@@ -136,16 +137,15 @@ def test_matching_loss_equals_a_hand_built_reference(impl: str) -> None:
     """3b pairs: positives, each context with a sampled hard-negative text, each text with a
     sampled hard-negative context; mean BCE (Eq. 5). The tiled kernels sample by Gumbel-max over tiles."""
     model = _model((0.0, 1.0, 0.0)).eval()
-    model.contrastive_impl = impl
-    tile = model.cfg.objectives.contrastive_tile = 3  # several tiles over the 4 candidates
+    model.objective_impl = impl
+    tile = model.objective_cfg.contrastive_tile = 3  # several tiles over the 4 candidates
     sample = sample_hard_negatives if impl == "naive" else partial(sample_hard_negatives_tiled, tile=tile)
-    batch = make_random_batch(model.cfg, ["image", "audio"], 4, seed=5)
+    batch = make_random_batch(make_tiny_config(), ["image", "audio"], 4, seed=5)
     ids, mask = batch["text_ids"], batch["text_mask"]
-    model.set_step(3)
     with torch.no_grad():
         v_z, v_t = model.embed_knowledge(batch), model.embed_text(ids, mask)
         scale = model.logit_scale()
-        g = model._generator(ids.device, _STREAM_MATCHING)
+        g = model.generator(RandomStream.MATCHING, 3, 0, ids.device)
         pos = torch.arange(4)
         neg_t = sample(v_z, v_t, scale, pos, g)
         neg_z = sample(v_t, v_z, scale, pos, g)
@@ -159,7 +159,7 @@ def test_matching_loss_equals_a_hand_built_reference(impl: str) -> None:
         )
         labels = torch.tensor([1.0] * 4 + [0.0] * 8)
         ref = F.binary_cross_entropy_with_logits(logits, labels)
-        losses, report = model(batch)
+        losses, report = model(batch, step=3)
     assert not (neg_t == pos).any() and not (neg_z == pos).any()
     torch.testing.assert_close(losses["matching_loss"], ref)
     torch.testing.assert_close(report["matching_acc"], ((logits > 0).float() == labels).float().mean())
@@ -167,37 +167,33 @@ def test_matching_loss_equals_a_hand_built_reference(impl: str) -> None:
 
 def test_contrastive_term_with_the_configured_kernel_equals_naive() -> None:
     model = _model((1.0, 0.0, 0.0))
-    batch = make_random_batch(model.cfg, ["image"], 4, seed=6)
+    batch = make_random_batch(make_tiny_config(), ["image"], 4, seed=6)
     naive, _ = model(batch)
-    model.contrastive_impl = None  # from cfg.model.kernels = "torch": the tiled kernel
-    assert model._contrastive_impl(torch.device("cpu")) == "torch"
+    model.objective_impl = make_tiny_config().model.kernels  # "torch": the tiled kernel
+    assert resolve_impl(model.objective_impl, torch.device("cpu")) == "torch"
     tiled, _ = model(batch)
     torch.testing.assert_close(naive["contrastive_loss"], tiled["contrastive_loss"], rtol=1e-5, atol=1e-5)
-    model.cfg.model.kernels = "auto"
-    assert model._contrastive_impl(torch.device("cpu")) == "torch"
-    assert model._contrastive_impl(torch.device("cuda", 0)) == "triton"
+    assert resolve_impl("auto", torch.device("cpu")) == "torch"
+    assert resolve_impl("auto", torch.device("cuda", 0)) == "triton"
 
 
 def test_seeded_and_step_dependent() -> None:
     batch = make_random_batch(make_tiny_config(), ["image"], 4, seed=7)
     a, b = _model(), _model()
-    a.set_step(5)
-    b.set_step(5)
-    la, lb = a(batch)[0], b(batch)[0]
+    la, lb = a(batch, step=5)[0], b(batch, step=5)[0]
     for k in la:
         torch.testing.assert_close(la[k], lb[k])
-    # the step (here through batch["step"], as the trainer passes it) reseeds masking and sampling
-    lc = a({**batch, "step": 6})[0]
-    assert a.step == 6
+    # the step (passed by the trainer with every micro-batch) reseeds masking and sampling
+    lc = a(batch, step=6)[0]
     assert not torch.allclose(la["generation_loss"], lc["generation_loss"])
     # a second micro-batch of the same step draws new masks
-    ld = a({**batch, "step": 6})[0]
+    ld = a(batch, step=6, micro=1)[0]
     assert not torch.allclose(lc["generation_loss"], ld["generation_loss"])
 
 
 def test_evaluation_interface() -> None:
     model = _model().eval()
-    batch = make_random_batch(model.cfg, ["image", "video"], 3, seed=8)
+    batch = make_random_batch(make_tiny_config(), ["image", "video"], 3, seed=8)
     ids, mask = batch["text_ids"], batch["text_mask"]
     with torch.no_grad():
         v_z, v_t = model.embed_knowledge(batch), model.embed_text(ids, mask)
@@ -218,7 +214,7 @@ def test_evaluation_interface() -> None:
 
 def test_incremental_decoding_with_cache_matches_recompute() -> None:
     model = _model().eval()
-    batch = make_random_batch(model.cfg, ["audio"], 2, seed=9)
+    batch = make_random_batch(make_tiny_config(), ["audio"], 2, seed=9)
     with torch.no_grad():
         prefix = model.context_prefix(batch)
         ids = torch.full((2, 1), model.special.bos_id)
@@ -238,7 +234,7 @@ def test_incremental_decoding_with_cache_matches_recompute() -> None:
 
 def test_prefix_tokens_limit() -> None:
     model = _model(context=dataclasses.replace(make_tiny_config().model.context, prefix_tokens=4))
-    batch = make_random_batch(model.cfg, ["video", "audio"], 2, seed=10)
+    batch = make_random_batch(make_tiny_config(), ["video", "audio"], 2, seed=10)
     with torch.no_grad():
         assert model.context_prefix(batch).shape == (2, 4, 64)
     losses, _ = model(batch)
@@ -247,13 +243,13 @@ def test_prefix_tokens_limit() -> None:
 
 def test_bad_batches_raise() -> None:
     model = _model()
-    batch = make_random_batch(model.cfg, ["image"], 2, seed=11)
+    batch = make_random_batch(make_tiny_config(), ["image"], 2, seed=11)
     with pytest.raises(ValueError, match="none of the modalities"):
         model({k: v for k, v in batch.items() if k != "image"})
     with pytest.raises(ValueError, match="batch size"):
         model({**batch, "text_ids": batch["text_ids"][:1], "text_mask": batch["text_mask"][:1]})
     with pytest.raises(ValueError, match="hard-negative"):
-        model(make_random_batch(model.cfg, ["image"], 1, seed=11))  # one pair: no negative to mine
+        model(make_random_batch(make_tiny_config(), ["image"], 1, seed=11))  # one pair: no negative to mine
 
 
 def test_full_size_builds_on_meta() -> None:
@@ -268,7 +264,7 @@ def test_full_size_builds_on_meta() -> None:
     )
     special = SpecialTokens(vocab_size=32000, pad_id=0, bos_id=1, eos_id=2, mask_id=3)
     with torch.device("meta"):
-        model = MiCoModel(cfg, special)
+        model = MiCoModel.from_run_config(cfg, special)
     count = {k: sum(p.numel() for p in getattr(model, k).parameters()) for k in ("encoder", "text")}
     assert count["text"] == 6_738_415_616  # Llama-2-7B
     assert 1.0e9 < count["encoder"] < 1.02e9
@@ -279,8 +275,10 @@ def _two_rank_model_worker(rank: int) -> dict[str, object]:
     model = _model()
     model.train()
     # different data and different caption lengths per rank; same modalities (same corpus per step)
-    batch = make_random_batch(model.cfg, ["image", "audio"], 3, seed=20 + rank, text_len=(9, 14)[rank])
-    losses, report = model({**batch, "step": 1})
+    batch = make_random_batch(
+        make_tiny_config(), ["image", "audio"], 3, seed=20 + rank, text_len=(9, 14)[rank]
+    )
+    losses, report = model(batch, step=1)
     losses["loss"].backward()
     grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     local_masked = float(

@@ -6,8 +6,9 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from mico_ds.checkpoint.formats.timm import timm_to_encoder_state_dict
 from mico_ds.config import InputConfig, VisionConfig
-from mico_ds.models.omni_encoder import OmniEncoder, pool_grid_shape, timm_to_encoder_state_dict
+from mico_ds.models.omni_encoder import OmniEncoder, pool_grid_shape
 
 D, P, IMG = 64, 8, 32
 
@@ -168,5 +169,5 @@ def test_vit_g14_builds_on_meta_with_exact_parameter_count() -> None:
     tokenizers = 2 * (3 * p * p * d + d) + (p * p * d + d) + (pa * pa * d + d)
     expected = 40 * block + tokenizers + d + (1 + 16 * 16) * d + 2 * d
     assert sum(x.numel() for x in enc.parameters()) == expected
-    assert 0.95e9 < expected < 1.1e9  # "about 1.0B" (DESIGN.md §5)
+    assert 0.95e9 < expected < 1.1e9  # "about 1.0B" (ViT-g/14, Zhai et al. 2022: 1011M)
     assert enc.blocks[0].mlp.fc1.out_features == 6144  # not int(1408 * 6144 / 1408) rounding

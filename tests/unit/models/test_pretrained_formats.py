@@ -15,10 +15,12 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from mico_ds.checkpoint.formats.hf_llama import load_hf_llama
+from mico_ds.checkpoint.formats.reader import CheckpointReader
+from mico_ds.checkpoint.formats.timm import load_timm_checkpoint, timm_plan
 from mico_ds.config import InputConfig, TextConfig, VisionConfig
-from mico_ds.models.omni_encoder import OmniEncoder, load_timm_checkpoint, timm_plan
-from mico_ds.models.text_branch import TextBranch, load_hf_llama, pretrained_llama_config
-from mico_ds.models.weights import CheckpointReader
+from mico_ds.models.omni_encoder import OmniEncoder
+from mico_ds.models.text_branch import TextBranch, pretrained_llama_config
 from tests.helpers.tiny import make_tiny_special
 
 D, P, IMG = 32, 8, 32  # our encoder: 4x4 grid

@@ -9,9 +9,10 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from mico_ds.checkpoint.formats.hf_llama import load_hf_llama
 from mico_ds.config import TextConfig
 from mico_ds.data.schema import SpecialTokens
-from mico_ds.models.text_branch import TextBranch, last_valid_index, llama_config, load_hf_llama
+from mico_ds.models.text_branch import TextBranch, last_valid_index, llama_config
 from tests.helpers.tiny import make_tiny_config, make_tiny_special
 
 

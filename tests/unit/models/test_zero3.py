@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.unit.objectives._dist import run_ranks
+from tests.helpers.ranks import run_ranks
 
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": 4,
@@ -39,13 +39,13 @@ def _zero3_worker(rank: int) -> dict[str, object]:
     deepspeed.init_distributed(dist_backend="gloo")
     cfg, special = make_tiny_config(), make_tiny_special()
     torch.manual_seed(0)
-    plain = MiCoModel(cfg, special).eval()
+    plain = MiCoModel.from_run_config(cfg, special).eval()
     ref = {n: p.detach().clone() for n, p in plain.named_parameters()}
 
     torch.manual_seed(0)
     with deepspeed.zero.Init(config_dict_or_path=DS_CONFIG):
-        model = MiCoModel(cfg, special)
-    model.contrastive_impl = "naive"
+        model = MiCoModel.from_run_config(cfg, special)
+    model.objective_impl = "naive"
     params = dict(model.named_parameters())
     partitioned = [n for n, p in params.items() if hasattr(p, "ds_id") and p.data.numel() == 0]
     with deepspeed.zero.GatheredParameters(list(params.values())):
@@ -80,8 +80,7 @@ def _zero3_worker(rank: int) -> dict[str, object]:
     losses_per_step = []
     for step, mods in enumerate([["image", "audio"], ["video", "depth", "normal"]]):
         batch = make_random_batch(cfg, mods, 4, seed=step, joined=True)
-        batch["step"] = step
-        losses, _ = engine(batch)
+        losses, _ = engine(batch, step=step)
         engine.backward(losses["loss"])
         engine.step()
         losses_per_step.append({k: float(v) for k, v in losses.items()})

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from mico_ds.objectives.contrastive import contrastive_loss, in_batch_top1
-from tests.unit.objectives._dist import run_ranks
+from tests.helpers.ranks import run_ranks
 
 WORLD = 2
 

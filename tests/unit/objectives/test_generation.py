@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from mico_ds.objectives.generation import generation_loss, mask_caption_tokens
+from tests.helpers.ranks import run_ranks
 from tests.helpers.tiny import make_tiny_special
-from tests.unit.objectives._dist import run_ranks
 
 SPECIAL = make_tiny_special()  # pad 0, bos 1, eos 2, mask 3
 

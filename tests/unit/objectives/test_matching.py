@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from mico_ds.distributed import all_gather_no_grad, all_gather_with_grad
 from mico_ds.objectives.matching import gather_texts, matching_labels, matching_loss, sample_hard_negatives
-from tests.unit.objectives._dist import run_ranks
+from tests.helpers.ranks import run_ranks
 
 CHI2_DF3_P001 = 16.27  # chi-square critical value, 3 degrees of freedom, p = 0.001
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from mico_ds import checkpoint as ckpt
+from mico_ds.checkpoint import list_tags, locate
 from mico_ds.config import load_config
 from mico_ds.data import schema
-from mico_ds.data.demo import make_demo_corpus
-from mico_ds.data.mixture import build_train_loader
-from mico_ds.train import checkpoint as ckpt
-from mico_ds.train.convert import available_tags, find_checkpoint
+from mico_ds.data.read.mixture import build_train_loader
+from mico_ds.demo.corpus import make_demo_corpus
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -35,23 +35,24 @@ def _fake_checkpoint(ckpt_dir: Path, tags: list[str], latest: str | None) -> Non
 def test_find_checkpoint_accepts_run_checkpoints_and_tag_dirs(tmp_path: Path) -> None:
     ck = tmp_path / "run" / "checkpoints"
     _fake_checkpoint(ck, ["step00000003", "step00000006"], "step00000006")
-    assert available_tags(ck) == ["step00000003", "step00000006"]
-    assert find_checkpoint(tmp_path / "run") == (ck, "step00000006")
-    assert find_checkpoint(ck, "step00000003") == (ck, "step00000003")
-    assert find_checkpoint(ck / "step00000003") == (ck, "step00000003")
+    assert list_tags(ck) == ["step00000003", "step00000006"]
+    where = lambda *a: (locate(*a).path, locate(*a).tag)  # noqa: E731
+    assert where(tmp_path / "run") == (ck, "step00000006")
+    assert where(ck, "step00000003") == (ck, "step00000003")
+    assert where(ck / "step00000003") == (ck, "step00000003")
     with pytest.raises(ValueError, match="--tag step00000006 names another one"):
-        find_checkpoint(ck / "step00000003", "step00000006")
+        locate(ck / "step00000003", "step00000006")
 
 
 def test_find_checkpoint_errors_name_what_exists(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="nope: no such directory"):
-        find_checkpoint(tmp_path / "nope")
+        locate(tmp_path / "nope")
     ck = tmp_path / "checkpoints"
     _fake_checkpoint(ck, ["step00000003"], latest=None)
     with pytest.raises(ValueError, match=r"latest does not exist .*pass --tag, one of: \['step00000003'\]"):
-        find_checkpoint(ck)
+        locate(ck)
     with pytest.raises(ValueError, match=r"no checkpoint 'step9' in .*available tags: \['step00000003'\]"):
-        find_checkpoint(ck, "step9")
+        locate(ck, "step9")
 
 
 def _tool(name: str):
@@ -168,7 +169,7 @@ def test_zero0_checkpoint_is_its_module_file(tmp_path: Path, capsys) -> None:
     read stage 0): the tool writes that module, and to_universal says no conversion is needed."""
     import torch
 
-    from mico_ds.export import load_state_dict
+    from mico_ds.checkpoint.formats.safetensors import load_state_dict
 
     tag = tmp_path / "checkpoints" / "step00000001"
     (tag / "client").mkdir(parents=True)
@@ -191,16 +192,16 @@ def test_zero0_bf16_checkpoint_gives_the_fp32_master_weights(tmp_path: Path) -> 
     import torch
 
     from mico_ds.config import to_dict
+    from mico_ds.distributed.zero_checkpoint import fp32_state_dict
     from mico_ds.models.mico import MiCoModel
-    from mico_ds.train.convert import fp32_state_dict
-    from mico_ds.train.engine import param_groups
+    from mico_ds.optim import param_groups
     from tests.helpers.tiny import make_tiny_config, make_tiny_special
 
     cfg = make_tiny_config()
     cfg.optim.text_lr_scale = 0.5
     torch.manual_seed(0)
-    model = MiCoModel(cfg, make_tiny_special())
-    groups = param_groups(model, cfg)
+    model = MiCoModel.from_run_config(cfg, make_tiny_special())
+    groups = param_groups(model, cfg.optim)
     assert len(groups) == 4  # (decay or not) x (scale 1 or 0.5)
     masters = [[p.detach().clone() + 1e-4 for p in g["params"]] for g in groups]  # not bf16-representable
     tag = tmp_path / "checkpoints" / "step00000001"

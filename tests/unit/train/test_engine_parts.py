@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
+from mico_ds.checkpoint import read_latest, select_to_delete, tag_for, write_latest
 from mico_ds.config import load_config
-from mico_ds.train.checkpoint import read_latest, select_to_delete, tag_for, write_latest
-from mico_ds.train.engine import lr_lambda, param_groups
+from mico_ds.optim import lr_lambda, param_groups
 
 
 def test_warmup_then_linear_decay_to_min():
     cfg = load_config("debug", ["train.max_steps=110", "optim.warmup_steps=10", "optim.min_lr_ratio=0.1"])
-    f = lr_lambda(cfg)
+    f = lr_lambda(cfg.optim, cfg.train.max_steps)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)
@@ -23,10 +23,11 @@ def test_warmup_then_linear_decay_to_min():
 
 def test_cosine_schedule_midpoint():
     cfg = load_config("debug", ["train.max_steps=20", "optim.warmup_steps=0", "optim.schedule=cosine"])
-    f = lr_lambda(cfg)
+    f = lr_lambda(cfg.optim, cfg.train.max_steps)
     assert f(10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     with pytest.raises(ValueError, match="schedule"):
-        lr_lambda(load_config("debug", ["optim.schedule=step", "optim.warmup_steps=0"]))(1)
+        cfg = load_config("debug", ["optim.schedule=step", "optim.warmup_steps=0"])
+        lr_lambda(cfg.optim, cfg.train.max_steps)(1)
 
 
 class _Toy(torch.nn.Module):
@@ -40,7 +41,7 @@ class _Toy(torch.nn.Module):
 def test_param_groups_decay_matrices_only_and_branch_scales():
     cfg = load_config("debug", ["optim.vision_lr_scale=0.1", "optim.weight_decay=0.3", "optim.lr=1.0"])
     m = _Toy()
-    groups = param_groups(m, cfg)
+    groups = param_groups(m, cfg.optim)
     by_param = {id(p): g for g in groups for p in g["params"]}
     assert by_param[id(m.encoder.weight)]["weight_decay"] == 0.3
     assert by_param[id(m.encoder.weight)]["lr"] == pytest.approx(0.1)
@@ -54,14 +55,14 @@ def test_param_groups_use_ds_shape_of_partitioned_params():
     m = _Toy()
     m.text.weight.data = torch.zeros(8)  # what a ZeRO-3 partition looks like locally: flat
     m.text.weight.ds_shape = torch.Size([4, 4])
-    groups = param_groups(m, load_config("debug", ["optim.weight_decay=0.5"]))
+    groups = param_groups(m, load_config("debug", ["optim.weight_decay=0.5"]).optim)
     g = next(g for g in groups if any(p is m.text.weight for p in g["params"]))
     assert g["weight_decay"] == 0.5
 
 
 def test_zero_scale_freezes_branch():
     m = _Toy()
-    groups = param_groups(m, load_config("debug", ["optim.text_lr_scale=0"]))
+    groups = param_groups(m, load_config("debug", ["optim.text_lr_scale=0"]).optim)
     assert not m.text.weight.requires_grad
     assert all(p is not m.text.weight for g in groups for p in g["params"])
 

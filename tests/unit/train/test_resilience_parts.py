@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from mico_ds.checkpoint import rng_preserved
 from mico_ds.train import health
-from mico_ds.train.checkpoint import rng_preserved
 from mico_ds.train.metrics import drop_records_after
 from mico_ds.train.signals import StopFlag, process_age_s, shield_children
 

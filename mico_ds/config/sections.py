@@ -1,0 +1,412 @@
+"""The sections of a run's configuration: one typed dataclass per concern.
+
+Each field's ``help`` metadata is its documentation (``python -m mico_ds.train --help-config``
+prints it). Choices are ``Literal`` types, checked when a section is built (by the loader in
+``mico_ds.config.loading``, which names the file and the dotted key, or by a direct construction).
+Sections hold only serializable values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from mico_ds.data.schema import MODALITIES, Modality
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with a help string (mutable defaults via factory)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _section(cls: type, help: str) -> Any:
+    """A nested section, built with its own defaults."""
+    return field(default_factory=cls, metadata={"help": help})
+
+
+def literal_error(tp: Any, value: Any) -> str | None:
+    """Why ``value`` is not allowed by a ``Literal[...]`` (or ``list[Literal[...]]``) type; None if it is."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        return None if value in allowed else f"unknown value {value!r}; allowed: {list(allowed)}"
+    if origin is list and value is not None:
+        (inner,) = typing.get_args(tp)
+        if typing.get_origin(inner) is Literal:
+            bad = [v for v in value if v not in typing.get_args(inner)]
+            return f"unknown {bad}; allowed: {list(typing.get_args(inner))}" if bad else None
+    return None
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a section (strings under ``from __future__ import annotations``)."""
+    return typing.get_type_hints(cls)
+
+
+class Section:
+    """Base of every section: checks its ``Literal`` fields on construction."""
+
+    def __post_init__(self) -> None:
+        hints = field_types(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            err = literal_error(hints[f.name], getattr(self, f.name))
+            if err:
+                raise ValueError(f"{type(self).__name__}.{f.name}: {err}")
+
+
+# ----------------------------------------------------------------------------- inputs / data
+
+
+@dataclass
+class InputConfig(Section):
+    """Geometry and normalization of every modality; shared by the data pipeline and the model."""
+
+    image_size: int = _f(224, "Side of the square image / frame / depth / normal input, in pixels.")
+    num_frames: int = _f(
+        8, "Video frames sampled per clip (uniform segments; random in train, middle in eval)."
+    )
+    eval_num_frames: int | None = _f(None, "Frames per video at evaluation (default: num_frames).")
+    sample_rate: int = _f(16000, "Audio is converted to mono at this rate before the filterbank.")
+    mel_bins: int = _f(64, "Kaldi log-mel filterbank bins (MiCo audio processor).")
+    clip_frames: int = _f(512, "Filterbank frames (10 ms hop) per audio clip.")
+    num_clips: int = _f(1, "Audio clips per sample (uniform segments of the waveform).")
+    audio_mean: float = _f(-4.27, "Mean subtracted from log-mel features (AudioSet statistics, as AST).")
+    audio_std: float = _f(4.57, "Std the log-mel features are divided by (after the 2x AST scaling).")
+    image_mean: list[float] = _f([0.48145466, 0.4578275, 0.40821073], "RGB mean (CLIP).")
+    image_std: list[float] = _f([0.26862954, 0.26130258, 0.27577711], "RGB std (CLIP).")
+    train_crop_scale: list[float] = _f([0.9, 1.0], "RandomResizedCrop area scale for training images/frames.")
+
+
+@dataclass
+class CorpusConfig(Section):
+    """One training corpus: its shards, what it carries, its batch size and share of steps."""
+
+    name: str = _f("corpus", "Corpus name (logged, and a key in checkpoints).")
+    shards: str = _f("", "Brace-expandable shard URLs or paths (relative to data.root), or pipe: commands.")
+    modalities: list[Modality] = _f(["image"], f"Modalities every sample must carry; subset of {MODALITIES}.")
+    batch_size: int | None = _f(
+        None,
+        "Per-rank batch size (appendix B.2: each corpus has its own); derived when global_batch_size "
+        "is set, else 8.",
+    )
+    global_batch_size: int | None = _f(
+        None,
+        "Samples of this corpus per optimizer step over all ranks: batch_size = global_batch_size / "
+        "(world size x optim.grad_accum), checked when the world size is known.",
+    )
+    steps: int | None = _f(None, "Number of steps drawn from this corpus (B.2); default: share by weight.")
+    weight: float = _f(1.0, "Relative share of steps when steps is not set.")
+    joined_from: list[str] = _f(
+        [], "Build samples by joining one pair from each named single-pair corpus (MiCo Eq. 3)."
+    )
+    source_id: int = _f(0, "Row of the sampling embedding E_Sam used when this corpus is a part of a join.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.batch_size is None and self.global_batch_size is None:
+            self.batch_size = 8
+        for k in ("batch_size", "global_batch_size"):
+            v = getattr(self, k)
+            if v is not None and v < 1:
+                raise ValueError(f"data.corpora[{self.name}].{k} must be >= 1, got {v}")
+
+    def resolve_batch_size(self, world_size: int, grad_accum: int) -> int:
+        """Set (and return) the per-rank ``batch_size`` from ``global_batch_size`` for this world size.
+
+        Raises:
+            ValueError: naming every factor when the global batch does not split evenly.
+        """
+        if self.global_batch_size is not None:
+            per = world_size * grad_accum
+            if self.global_batch_size % per:
+                raise ValueError(
+                    f"data.corpora[{self.name}].global_batch_size={self.global_batch_size} is not divisible "
+                    f"by world_size={world_size} x optim.grad_accum={grad_accum} (= {per}); choose a global "
+                    f"batch, GPU count or grad_accum whose product divides it"
+                )
+            self.batch_size = self.global_batch_size // per
+        assert self.batch_size is not None
+        return self.batch_size
+
+
+@dataclass
+class DataConfig(Section):
+    """Shard streams, mixing and data-loader workers."""
+
+    root: str = _f("data", "Directory shard paths are relative to.")
+    corpora: list[CorpusConfig] = _f([], "Training corpora, mixed step by step by a seeded schedule.")
+    val_shards: str | None = _f(None, "Held-out shards for in-training retrieval evaluation.")
+    val_modalities: list[Modality] = _f(["image"], "Modalities of the held-out samples used for evaluation.")
+    tokenizer: str = _f(
+        "", "SentencePiece tokenizer.model (Llama-2's, or one trained by tools/train_tokenizer.py)."
+    )
+    text_max_len: int = _f(64, "Maximum text tokens (concatenated captions) per sample.")
+    num_workers: int = _f(2, "Data-loader worker processes per rank and corpus.")
+    shuffle_buffer: int = _f(256, "Samples in each worker's shuffle buffer (flushed at chunk ends).")
+    shards_per_chunk: int = _f(4, "Shards a worker interleaves at once; resume replays at most one chunk.")
+    max_skip_rate: float = _f(0.05, "Fraction of unreadable samples above which the run stops with an error.")
+    min_samples_for_skip_rate: int = _f(200, "Samples seen before the skip-rate bound is enforced.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        names = [c.name for c in self.corpora]
+        for c in self.corpora:
+            missing = [j for j in c.joined_from if j not in names]
+            if missing:
+                raise ValueError(f"data.corpora[{c.name}].joined_from names unknown corpora {missing}")
+
+    def resolve_batch_sizes(self, world_size: int, grad_accum: int) -> None:
+        """Per-rank batch sizes of every corpus for this world size (see CorpusConfig.global_batch_size)."""
+        if world_size < 1 or grad_accum < 1:
+            raise ValueError(f"world size and optim.grad_accum must be >= 1, got {world_size}, {grad_accum}")
+        for c in self.corpora:
+            c.resolve_batch_size(world_size, grad_accum)
+
+
+@dataclass
+class DemoConfig(Section):
+    """The built-in synthetic demo corpus (mico_ds.demo), generated under data.root on first use."""
+
+    generate: bool = _f(False, "Generate the demo corpus under data.root when it is missing.")
+    num_train: int = _f(2048, "Training samples of the generated demo corpus.")
+    num_val: int = _f(256, "Held-out samples of the generated demo corpus (unique captions).")
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class VisionConfig(Section):
+    """The shared omni-encoder ViT (timm blocks) and its per-modality tokenizers."""
+
+    patch_size: int = _f(16, "Patch side for images, frames, depth and normal maps.")
+    audio_patch_size: int = _f(16, "Patch side on the (mel bins x frames) spectrogram.")
+    width: int = _f(768, "Transformer width.")
+    depth: int = _f(12, "Number of transformer blocks.")
+    heads: int = _f(12, "Attention heads.")
+    mlp_dim: int = _f(3072, "MLP hidden size.")
+    qkv_bias: bool = _f(True, "Bias in the qkv projection.")
+    drop_path: float = _f(0.0, "Stochastic depth rate (linearly increasing over blocks).")
+    pre_norm: bool = _f(
+        False, "LayerNorm on the embedded tokens before the blocks (CLIP's ln_pre); true for CLIP weights."
+    )
+    pretrained: str | None = _f(
+        None, "Local timm/EVA ViT checkpoint file (.safetensors/.pth/.bin) to initialize the encoder from."
+    )
+    grad_checkpointing: bool = _f(False, "Activation checkpointing of every block.")
+
+
+@dataclass
+class ContextConfig(Section):
+    """Multimodal context construction (MiCo Eq. 1 and 3) and the fusion layers that pool it."""
+
+    tokens_per_frame: int = _f(5, "Tokens kept per frame/clip: CLS + (n-1) adaptive-pooled patch tokens.")
+    max_context_len: int = _f(64, "Rows of each context embedding table E_C (tokens per modality).")
+    max_positions: int = _f(512, "Rows of the shared position embedding E_Pos (tokens of all modalities).")
+    num_sources: int = _f(8, "Rows of the sampling embedding E_Sam (Eq. 3).")
+    fusion_layers: int = _f(2, "Transformer blocks fusing the context with a [CTX] token.")
+    prefix_tokens: int | None = _f(None, "Context tokens passed to the LLM as prefix (None: all).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.prefix_tokens is not None and self.prefix_tokens < 1:
+            raise ValueError(f"model.context.prefix_tokens must be >= 1 or null, got {self.prefix_tokens}")
+
+
+@dataclass
+class TextConfig(Section):
+    """The Llama-2 interface branch (transformers)."""
+
+    pretrained: str | None = _f(None, "Local Hugging Face Llama directory; None builds from the sizes below.")
+    hidden_size: int = _f(4096, "Llama hidden size.")
+    num_layers: int = _f(32, "Decoder layers.")
+    num_heads: int = _f(32, "Attention heads.")
+    num_kv_heads: int | None = _f(None, "Key/value heads (grouped-query attention); None = num_heads.")
+    intermediate_size: int = _f(11008, "MLP hidden size.")
+    max_position_embeddings: int = _f(4096, "RoPE context length.")
+    rms_norm_eps: float = _f(1e-5, "RMSNorm epsilon.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = _f(
+        "sdpa", "transformers attention backend."
+    )
+    grad_checkpointing: bool = _f(False, "Activation checkpointing of every decoder layer.")
+    pooling: Literal["mean", "last"] = _f(
+        "mean", "Text feature for contrastive learning: mean over tokens, or last."
+    )
+
+
+@dataclass
+class ModelConfig(Section):
+    """The MiCo model: omni-encoder, context, text branch, heads."""
+
+    vision: VisionConfig = _section(VisionConfig, "Omni-encoder ViT.")
+    context: ContextConfig = _section(ContextConfig, "Multimodal context.")
+    text: TextConfig = _section(TextConfig, "Text branch.")
+    embed_dim: int = _f(512, "Contrastive projection dimension.")
+    kernels: Literal["auto", "triton", "torch"] = _f(
+        "auto", "Fused kernels: auto (Triton on CUDA, PyTorch elsewhere), triton, or torch."
+    )
+
+
+@dataclass
+class ObjectiveConfig(Section):
+    """The three pretraining objectives (MiCo Eq. 4-6) and their weights."""
+
+    contrastive_weight: float = _f(1.0, "Weight of the omni-modal contrastive loss (Eq. 4).")
+    matching_weight: float = _f(1.0, "Weight of the matching loss with hard negatives (Eq. 5).")
+    generation_weight: float = _f(1.0, "Weight of the masked causal caption generation loss (Eq. 6).")
+    mask_ratio: float = _f(0.6, "Fraction of caption tokens replaced by <mask> for generation (paper: 60%).")
+    init_temperature: float = _f(
+        0.07, "Initial softmax temperature (tau = 1/temperature, log-parameterized)."
+    )
+    max_logit_scale: float = _f(100.0, "Clamp of the learnable logit scale, applied in the forward pass.")
+    contrastive_tile: int = _f(1024, "Tile size of the memory-efficient contrastive kernel.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.weights()
+
+    def weights(self) -> dict[str, float]:
+        """``{"contrastive_loss": w, "matching_loss": w, "generation_loss": w}``, checked.
+
+        Raises:
+            ValueError: a weight is negative, or none is positive.
+        """
+        w = {
+            "contrastive_loss": self.contrastive_weight,
+            "matching_loss": self.matching_weight,
+            "generation_loss": self.generation_weight,
+        }
+        if any(v < 0 for v in w.values()) or not any(v > 0 for v in w.values()):
+            raise ValueError(f"objectives weights must be >= 0 with at least one > 0, got {w}")
+        return w
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class OptimConfig(Section):
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = _f(1e-4, "Peak learning rate (paper: 1e-4).")
+    weight_decay: float = _f(0.01, "Decoupled weight decay, applied to matrices (ndim >= 2) only.")
+    betas: list[float] = _f([0.9, 0.98], "Adam betas.")
+    eps: float = _f(1e-8, "Adam epsilon.")
+    schedule: Literal["linear", "cosine", "constant"] = _f(
+        "linear", "After the warmup: linear decay (paper), cosine decay, or constant."
+    )
+    warmup_steps: int = _f(1000, "Linear warmup steps.")
+    min_lr_ratio: float = _f(0.0, "Final learning rate as a fraction of the peak.")
+    grad_clip: float = _f(1.0, "Global gradient-norm clip (0 disables).")
+    grad_accum: int = _f(1, "Gradient accumulation steps per optimizer step.")
+    vision_lr_scale: float = _f(1.0, "Learning-rate multiplier of the vision branch (0 freezes it).")
+    text_lr_scale: float = _f(1.0, "Learning-rate multiplier of the text branch (0 freezes it).")
+
+
+@dataclass
+class TrainConfig(Section):
+    """The training loop."""
+
+    max_steps: int = _f(1000, "Optimizer steps to train.")
+    seed: int = _f(0, "Global seed (model init, data order, masking).")
+    ds_config: str = _f(
+        "zero3_cpu.json", "DeepSpeed JSON shipped in mico_ds/ds_configs/ (or a path): engine settings only."
+    )
+    precision: Literal["auto", "bf16", "fp32"] = _f(
+        "auto",
+        "auto (bf16 on CUDA with bf16 support, else fp32), bf16 or fp32; the one owner of precision: "
+        "the DeepSpeed JSON's bf16 block is filled from it.",
+    )
+    log_every: int = _f(10, "Steps between metric records.")
+    save_every: int = _f(500, "Steps between checkpoints (0: only at the end).")
+    eval_every: int = _f(0, "Steps between in-training evaluations (0: only at the end).")
+    max_minutes: float = _f(
+        0.0, "Wall-clock budget: save and exit cleanly after this many minutes (0: none)."
+    )
+    deterministic: bool = _f(False, "Deterministic algorithms (for golden-loss tests).")
+    dist_timeout_s: float = _f(600.0, "Process-group timeout: a dead rank ends the job within this time.")
+    progress: bool = _f(True, "Progress bar on rank 0.")
+    record_keys: bool = _f(
+        False, "Debug: write the sample keys of every micro-batch to RUN_DIR/keys/rank{R}.jsonl."
+    )
+
+
+@dataclass
+class CheckpointConfig(Section):
+    """Checkpoint retention."""
+
+    keep_last: int = _f(3, "Keep the newest K checkpoints.")
+    keep_every: int = _f(0, "Also keep every checkpoint whose step is a multiple of M (0: none).")
+
+
+EvalTask = Literal["retrieval", "captioning", "qa", "grounding"]
+EVAL_TASKS: tuple[str, ...] = typing.get_args(EvalTask)
+
+
+@dataclass
+class EvalConfig(Section):
+    """Evaluation on data.val_shards: in training (every train.eval_every steps and at the end) and by
+    ``python -m mico_ds.eval`` (MiCo appendix B.3 protocol)."""
+
+    tasks: list[EvalTask] = _f(
+        ["retrieval", "captioning", "qa"],
+        f"Evaluation tasks, a subset of {list(EVAL_TASKS)} (grounding: does the LLM read the context?).",
+    )
+    max_samples: int = _f(256, "Held-out items evaluated for retrieval (all of their captions).")
+    batch_size: int = _f(32, "Per-rank evaluation batch size (items, texts, or reranked pairs).")
+    rerank_k: int = _f(50, "Retrieval: top-k candidates reranked by the matching head (paper: 50; 0: off).")
+    caption_samples: int = _f(64, "Captioning: held-out items captioned.")
+    num_beams: int = _f(3, "Beam size for captioning and QA (paper: 3; 1 = greedy).")
+    caption_max_tokens: int | None = _f(
+        None, "Captioning: most generated tokens (EOS included); None: data.text_max_len - 1."
+    )
+    length_penalty: float = _f(1.0, "Beam score = sum log-prob / length**length_penalty.")
+    qa_samples: int = _f(32, "QA: held-out items whose questions are answered (every question of each).")
+    qa_max_tokens: int = _f(8, "QA: most generated answer tokens (EOS included).")
+    use_cache: bool = _f(True, "Decode with the KV cache (False: recompute the whole sequence each step).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        sizes = {
+            "max_samples": self.max_samples,
+            "batch_size": self.batch_size,
+            "caption_samples": self.caption_samples,
+            "num_beams": self.num_beams,
+            "qa_samples": self.qa_samples,
+            "qa_max_tokens": self.qa_max_tokens,
+        }
+        if self.caption_max_tokens is not None:
+            sizes["caption_max_tokens"] = self.caption_max_tokens
+        small = {k: v for k, v in sizes.items() if v < 1}
+        if small or self.rerank_k < 0:
+            raise ValueError(
+                f"eval sizes must be >= 1 (rerank_k >= 0): got {small or {'rerank_k': self.rerank_k}}"
+            )
+
+
+@dataclass
+class RunConfig(Section):
+    """A whole run: one YAML recipe resolves to this."""
+
+    name: str = _f("run", "Run name.")
+    inputs: InputConfig = _section(InputConfig, "Input geometry.")
+    data: DataConfig = _section(DataConfig, "Data.")
+    demo: DemoConfig = _section(DemoConfig, "The built-in demo corpus.")
+    model: ModelConfig = _section(ModelConfig, "Model.")
+    objectives: ObjectiveConfig = _section(ObjectiveConfig, "Objectives.")
+    optim: OptimConfig = _section(OptimConfig, "Optimizer.")
+    train: TrainConfig = _section(TrainConfig, "Training loop.")
+    checkpoint: CheckpointConfig = _section(CheckpointConfig, "Checkpoints.")
+    eval: EvalConfig = _section(EvalConfig, "Evaluation.")
+    launch: dict[str, Any] = _f({}, "Launcher hints (e.g. nproc for the demo); not read by the trainer.")
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain (YAML-serializable) form of a config."""
+    return dataclasses.asdict(cfg)

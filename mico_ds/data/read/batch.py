@@ -1,0 +1,95 @@
+"""Batches per the data contract (``mico_ds.data.schema``): collation of decoded samples, their
+tokens, the evaluation-only fields, and the move to a device."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from mico_ds.config import InputConfig
+from mico_ds.data import schema
+from mico_ds.data.read.decode import finalize, join_captions
+from mico_ds.data.tokenizer import TextTokenizer
+
+
+def collate(samples: list[dict], modalities: Sequence[str], inputs: InputConfig) -> dict:
+    """Decoded samples -> batch dict per schema (tensors stacked, captions joined; no tokens yet)."""
+    batch: dict = {}
+    for m in schema.MODALITIES:
+        if m in modalities:
+            batch[m] = finalize(m, torch.stack([s[m] for s in samples]), inputs)
+    batch[schema.KEYS] = [s["key"] for s in samples]
+    batch[schema.CAPTIONS] = [join_captions(s["fields"]) for s in samples]
+    batch[schema.SAMPLE_SOURCE] = torch.zeros((len(samples), len(modalities)), dtype=torch.int64)
+    for key in (schema.EVAL_TEXTS, schema.QA):
+        if all(key in s for s in samples):
+            batch[key] = [s[key] for s in samples]
+    return batch
+
+
+def tokenize_into(batch: dict, texts: list[str], tokenizer: TextTokenizer | None, max_len: int) -> None:
+    if tokenizer is None:
+        return
+    ids, mask = tokenizer.encode(texts, max_len)
+    batch[schema.TEXT_IDS] = torch.as_tensor(ids, dtype=torch.int64)
+    batch[schema.TEXT_MASK] = torch.as_tensor(mask, dtype=torch.int64)
+
+
+def to_device(batch: dict[str, Any], device: torch.device | str, bf16: bool) -> dict[str, Any]:
+    """A collated batch's tensors to ``device`` (floating ones to bf16 when asked); lists and strings
+    as they are."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if bf16 and v.is_floating_point():
+                v = v.to(torch.bfloat16)
+        out[k] = v
+    return out
+
+
+def eval_extras(item: dict, fields: dict[str, str]) -> dict:
+    """Evaluation-only fields of a raw sample (schema: ``eval_texts``, ``qa``).
+
+    ``eval_texts``: one concatenated caption per caption alternative -- text j takes the j-th entry of
+    every caption field that holds a list (cycling through shorter lists) and the single caption of the
+    others; text 0 is the batch's ``captions`` entry. Duplicates are dropped.
+    ``qa``: the json's ``"qa"`` list of ``{"q": str, "a": str, ...}``; malformed entries are ignored.
+    """
+    meta: dict = {}
+    raw = item.get(schema.JSON_EXT)
+    if raw is not None:
+        try:
+            meta = json.loads(raw)
+        except ValueError:
+            meta = {}  # the decoder already accepted or skipped this sample: nothing more to read
+    caps = meta.get("captions") if isinstance(meta, dict) else None
+    alts: dict[str, list[str]] = {}
+    if isinstance(caps, dict):
+        for f in schema.CAPTION_FIELDS:
+            v = caps.get(f)
+            if isinstance(v, list):
+                v = [x.strip() for x in v if isinstance(x, str) and x.strip()]
+                if v:
+                    alts[f] = v
+    n = max((len(v) for v in alts.values()), default=1)
+    texts: list[str] = []
+    for j in range(n):
+        t = join_captions({**fields, **{f: v[j % len(v)] for f, v in alts.items()}})
+        if t not in texts:
+            texts.append(t)
+    qa = meta.get("qa") if isinstance(meta, dict) else None
+    pairs = [
+        dict(p)
+        for p in (qa if isinstance(qa, list) else [])
+        if isinstance(p, dict) and isinstance(p.get("q"), str) and isinstance(p.get("a"), str)
+    ]
+    return {schema.EVAL_TEXTS: texts, schema.QA: pairs}
+
+
+def truncate(batch: dict, n: int) -> dict:
+    """The first ``n`` samples of a batch (tensors and lists cut; other values kept)."""
+    return {k: (v[:n] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}

@@ -1,0 +1,125 @@
+"""Which shards a *logical stream* reads in each epoch, in which chunks, and the seeded shuffle.
+
+Every quantity is a pure function of (seed, salt, epoch, stream, chunk), which is what makes a
+stream's position ``(epoch, chunk, items emitted in the chunk)`` enough to resume exactly.
+Shards are split over the ``world_size * workers`` streams; with fewer shards than streams every
+stream reads every shard and keeps every n-th sample.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from mico_ds.data.io import iter_tar
+
+Position = tuple[int, int, int]  # (epoch, chunk, items of the chunk already emitted)
+
+
+def _round_robin(iters: list[Iterator[dict]]) -> Iterator[dict]:
+    """Interleave shards one sample at a time (deterministic: no randomness before the buffer)."""
+    live = list(iters)
+    while live:
+        nxt = []
+        for it in live:
+            try:
+                yield next(it)
+                nxt.append(it)
+            except StopIteration:
+                pass
+        live = nxt
+
+
+def salt_of(name: str) -> int:
+    """A stream-order salt from a name (a corpus, or a join's copy of a source)."""
+    return zlib.crc32(name.encode("utf-8"))
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Deterministic assignment of shards to logical streams, chunking and shuffling.
+
+    Every quantity is a pure function of (seed, salt, epoch, stream, chunk), which is what makes a
+    position ``(epoch, chunk, emitted)`` enough to resume.
+    """
+
+    urls: tuple[str, ...]
+    num_streams: int
+    seed: int = 0
+    salt: int = 0
+    shards_per_chunk: int = 4
+    shuffle_buffer: int = 256
+    shuffle: bool = True
+
+    @property
+    def split_by_sample(self) -> bool:
+        """Fewer shards than streams: every stream reads every shard and keeps every n-th sample."""
+        return len(self.urls) < self.num_streams
+
+    def epoch_shards(self, stream: int, epoch: int) -> list[str]:
+        n = len(self.urls)
+        order = np.arange(n)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.salt, epoch, 0]).permutation(n)
+        urls = [self.urls[i] for i in order]
+        return urls if self.split_by_sample else urls[stream :: self.num_streams]
+
+    def chunks(self, stream: int, epoch: int) -> list[list[str]]:
+        shards = self.epoch_shards(stream, epoch)
+        k = max(1, self.shards_per_chunk)
+        return [shards[i : i + k] for i in range(0, len(shards), k)]
+
+    def raw_chunk(self, stream: int, index: int, chunk: list[str]) -> Iterator[dict]:
+        """The chunk's samples interleaved over its shards, this stream's share only."""
+        it = _round_robin([iter_tar(u) for u in chunk])
+        if not self.split_by_sample:
+            yield from it
+            return
+        for i, item in enumerate(it):
+            # Every stream sees the same sequence and keeps every n-th item; rotating the start by
+            # the chunk index spreads the remainders of short chunks over the streams.
+            if (i + index) % self.num_streams == stream:
+                yield item
+
+    def shuffled(self, raw: Iterable[dict], stream: int, epoch: int, chunk: int) -> Iterator[dict]:
+        """A seeded shuffle buffer over one chunk, flushed at its end (so chunks are independent)."""
+        if not self.shuffle or self.shuffle_buffer <= 1:
+            yield from raw
+            return
+        rng = np.random.default_rng([self.seed, self.salt, epoch, stream, chunk, 1])
+        size = self.shuffle_buffer
+        buf: list[dict] = []
+        for item in raw:
+            if len(buf) < size:
+                buf.append(item)
+                continue
+            k = int(rng.integers(size))
+            out, buf[k] = buf[k], item
+            yield out
+        for k in rng.permutation(len(buf)):
+            yield buf[k]
+
+    def items(self, stream: int, start: Position, infinite: bool) -> Iterator[tuple[Position, dict]]:
+        """``((epoch, chunk, index in chunk), raw item)`` from ``start`` on; the first ``start[2]``
+        items of the start chunk are read but not returned (no decoding)."""
+        epoch, chunk0, skip = start
+        while True:
+            produced = False
+            for c, shards in enumerate(self.chunks(stream, epoch)):
+                if c < chunk0:
+                    continue
+                for i, item in enumerate(self.shuffled(self.raw_chunk(stream, c, shards), stream, epoch, c)):
+                    produced = True
+                    if c == chunk0 and i < skip:
+                        continue
+                    yield (epoch, c, i), item
+            if not infinite:
+                return
+            if not produced and chunk0 == 0 and skip == 0:
+                raise ValueError(
+                    f"stream {stream} found no samples in a whole epoch of shards {list(self.urls)}"
+                )
+            epoch, chunk0, skip = epoch + 1, 0, 0
