@@ -55,8 +55,10 @@ TRAIN_MODULE=${MICO_TRAIN_MODULE:-mico_ds.train}
 RESTART_ON_PREEMPT=${RESTART_ON_PREEMPT:-0}
 MAX_RESTARTS=${MAX_RESTARTS:-50}
 HELPER=$ROOT/launch/hostfile.py
-[[ -f $HELPER && -d $ROOT/mico_ds ]] || die "cannot find the mico_ds checkout next to $0"
-export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+[[ -f $HELPER ]] || die "cannot find launch/hostfile.py next to $0"
+if [[ -d $ROOT/mico_ds ]]; then # a checkout: its package first (else the installed one)
+    export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+fi
 
 RECIPE=$(arg_value recipe ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})
 RECIPE=${RECIPE:-demo}

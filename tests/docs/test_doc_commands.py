@@ -195,7 +195,8 @@ class Sandbox:
 
 
 def write_manifest(raw: Path) -> None:
-    """Six samples with real media (JPEG, FLAC, H.264 MP4, 16-bit PNG depth) in the manifest layout."""
+    """24 samples with real media (JPEG, FLAC, H.264 MP4, 16-bit PNG depth) in the manifest layout (enough
+    for distinct subsets of 1%, 10% and 50%)."""
     import numpy as np
 
     from mico_ds.data.write import media
@@ -203,7 +204,7 @@ def write_manifest(raw: Path) -> None:
     raw.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     lines = []
-    for i in range(6):
+    for i in range(24):
         key = f"clip{i:04d}"
         (raw / f"{key}.jpg").write_bytes(media.encode_jpeg(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)))
         (raw / f"{key}.flac").write_bytes(

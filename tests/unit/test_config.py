@@ -6,8 +6,17 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
-from mico_ds.config import RunConfig, config_from_dict, help_text, list_recipes, load_config, to_dict
+from mico_ds.config import (
+    RunConfig,
+    config_from_dict,
+    find_recipe,
+    help_text,
+    list_recipes,
+    load_config,
+    to_dict,
+)
 from mico_ds.distributed.ds_config import find_ds_config, list_ds_configs, resolve_ds_config
 
 DS_CONFIGS = list_ds_configs()
@@ -105,3 +114,82 @@ def test_help_text_documents_every_section():
         if f not in ("name", "launch"):
             assert f"[{f}]" in text
     assert "--optim.lr=" in text and "Peak learning rate" in text
+
+
+def test_a_choice_outside_its_literal_names_file_key_value_and_choices():
+    with pytest.raises(ValueError) as e:
+        load_config("debug", ["train.precision=fp16"])
+    msg = str(e.value)
+    assert "debug.yaml" in msg and "train.precision" in msg and "'fp16'" in msg
+    assert "['auto', 'bf16', 'fp32']" in msg
+    with pytest.raises(ValueError, match=r"optim\.schedule: unknown value 'step'"):
+        load_config("debug", ["optim.schedule=step"])
+    with pytest.raises(ValueError, match=r"eval\.tasks\[0\]: unknown value 'translation'"):
+        load_config("debug", ["eval.tasks=[translation]"])
+    with pytest.raises(ValueError, match="kernels"):  # a direct construction is checked too
+        from mico_ds.config import ModelConfig
+
+        ModelConfig(kernels="cuda")
+
+
+def test_includes_merge_under_the_recipe_and_name_what_is_wrong(tmp_path: Path):
+    (tmp_path / "frag").mkdir()
+    (tmp_path / "frag" / "small_text.yaml").write_text(
+        "model:\n  text:\n    hidden_size: 48\n    num_layers: 3\n"
+    )
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "include: [debug.yaml, frag/small_text.yaml]\nname: r\nmodel:\n  text:\n    num_layers: 1\n"
+    )
+    (tmp_path / "debug.yaml").write_text(find_recipe("debug").read_text())  # next to the recipe
+    cfg = load_config(str(recipe))
+    base = load_config("debug")
+    assert cfg.name == "r" and cfg.model.text.hidden_size == 48  # the fragment over the base
+    assert cfg.model.text.num_layers == 1  # the recipe over its includes
+    assert cfg.model.text.num_heads == base.model.text.num_heads  # mappings merge key by key
+    assert [c.name for c in cfg.data.corpora] == [c.name for c in base.data.corpora]  # lists come whole
+    recipe.write_text("include: [frag/nope.yaml]\n")
+    with pytest.raises(ValueError, match=r"r\.yaml: include 'frag/nope\.yaml' not found"):
+        load_config(str(recipe))
+    recipe.write_text("include: [r.yaml]\n")
+    with pytest.raises(ValueError, match="include cycle"):
+        load_config(str(recipe))
+
+
+def test_the_scale_recipes_share_their_fragments():
+    from mico_ds.config import read_recipe
+
+    for name in ("vitl_llama2_7b_32gpu", "vitg_llama2_7b_64gpu"):
+        raw = yaml.safe_load(find_recipe(name).read_text())
+        assert raw["include"] == ["base/mico_pretrain.yaml", "models/llama2_7b.yaml"]
+        assert "corpora" not in raw.get("data", {}) and "text" not in raw.get("model", {})
+        assert read_recipe(find_recipe(name))["model"]["text"]["hidden_size"] == 4096
+    assert "base/mico_pretrain" not in list_recipes()  # fragments are not recipes
+
+
+def test_global_batch_gives_the_per_rank_batch_or_names_every_factor():
+    cfg = load_config("vitg_llama2_7b_64gpu")
+    vast = cfg.data.corpora[0]
+    assert vast.global_batch_size == 2048 and vast.batch_size is None
+    cfg.data.resolve_batch_sizes(64, 1)
+    assert vast.batch_size == 32
+    cfg.data.resolve_batch_sizes(8, 2)
+    assert vast.batch_size == 128
+    with pytest.raises(ValueError) as e:
+        cfg.data.resolve_batch_sizes(24, 1)
+    for part in ("global_batch_size=2048", "world_size=24", "optim.grad_accum=1"):
+        assert part in str(e.value)
+
+
+def test_precision_has_one_owner(tmp_path: Path):
+    cfg = load_config("debug", ["train.precision=bf16"])
+    assert resolve_ds_config(cfg, 2)["bf16"]["enabled"] is True  # "auto" in the JSON, filled from the recipe
+    assert resolve_ds_config(load_config("debug", ["train.precision=fp32"]), 2)["bf16"]["enabled"] is False
+    ds = tmp_path / "bf16.json"
+    ds.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}))
+    with pytest.raises(ValueError, match=r"bf16\.enabled=true disagrees with train\.precision='fp32'"):
+        resolve_ds_config(load_config("debug", [f"train.ds_config={ds}", "train.precision=fp32"]), 2)
+    for name in DS_CONFIGS:  # every shipped JSON leaves precision to the recipe
+        assert (
+            json.loads(find_ds_config(name).read_text()).get("bf16", {}).get("enabled", "auto") == "auto"
+        ), name
