@@ -72,7 +72,6 @@ class Resumed:
 
     step: int
     history: list[dict[str, Any]] = field(default_factory=list)
-    tag_dir: Path | None = None
 
 
 def _get(d: dict, dotted: str) -> Any:
@@ -177,7 +176,7 @@ class CheckpointManager:
             self.data.load_state_dict(merged)
         if self.rank == 0:
             log.info("resumed from %s at step %d", tag_dir, step)
-        return Resumed(step=step, history=list(meta.get("history", [])), tag_dir=tag_dir)
+        return Resumed(step=step, history=list(meta.get("history", [])))
 
     def _check_compatible(self, meta: dict[str, Any], new: dict[str, Any], allow: bool) -> None:
         from mico_ds.config import config_from_dict

@@ -163,8 +163,10 @@ class DataConfig(Section):
 
     def resolve_batch_sizes(self, world_size: int, grad_accum: int) -> None:
         """Per-rank batch sizes of every corpus for this world size (see CorpusConfig.global_batch_size)."""
-        if world_size < 1 or grad_accum < 1:
-            raise ValueError(f"world size and optim.grad_accum must be >= 1, got {world_size}, {grad_accum}")
+        if grad_accum < 1:
+            raise ValueError(f"optim.grad_accum must be >= 1, got {grad_accum}")
+        if world_size < 1:
+            raise ValueError(f"world size must be >= 1, got {world_size}")
         for c in self.corpora:
             c.resolve_batch_size(world_size, grad_accum)
 

@@ -68,11 +68,7 @@ def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON: {e}") from None
     accum = cfg.optim.grad_accum
-    if accum < 1:
-        raise ValueError(f"optim.grad_accum must be >= 1, got {accum}")
-    if world_size < 1:
-        raise ValueError(f"world size must be >= 1, got {world_size}")
-    cfg.data.resolve_batch_sizes(world_size, accum)
+    cfg.data.resolve_batch_sizes(world_size, accum)  # checks both factors
     micro = micro_batch_size(cfg)
 
     def fill(key: str, value: Any) -> None:

@@ -125,10 +125,16 @@ def _load_zero3(module: nn.Module, plan: list[Conversion], reader: CheckpointRea
                     p.data.copy_(materialize(conv, reader, tuple(p.shape)))  # type: ignore[arg-type]
                 except Exception as e:  # reported on every rank below: never a hang in the next gather
                     failed = f"{path}: {conv.target}: {type(e).__name__}: {e}"
+    _raise_on_every_rank(failed)
+    return largest
+
+
+def _raise_on_every_rank(failed: str | None) -> None:
+    """Rank 0's error (None: none) raised on every rank: a failure on one rank is never a hang of
+    the others in their next collective."""
     failed = mdist.broadcast_object(failed)
     if failed is not None:
         raise ValueError(failed)
-    return largest
 
 
 def load_state_dict_into(
@@ -139,7 +145,6 @@ def load_state_dict_into(
     Under ZeRO-3 every parameter is gathered for the copy and re-partitioned after it (rank 0 holds
     the whole model for that moment: evaluation of an exported or re-partitioned checkpoint).
     """
-    import deepspeed
 
     def load(m: nn.Module) -> None:
         assert sd is not None
@@ -153,13 +158,13 @@ def load_state_dict_into(
     if not zero3:
         load(model)
         return
+    import deepspeed
+
     failed: str | None = None
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
         if mdist.is_main_process():
             try:
                 load(model)
-            except ValueError as e:  # reported on every rank below, not a hang in the next collective
+            except ValueError as e:
                 failed = str(e)
-    failed = mdist.broadcast_object(failed)
-    if failed is not None:
-        raise ValueError(failed)
+    _raise_on_every_rank(failed)

@@ -143,13 +143,10 @@ def consolidated(loc: Location) -> dict[str, Any]:
     """fp32 weights of the whole model: an exported state dict, or a checkpoint of any ZeRO stage (or
     a universal one) consolidated the way tools/zero_to_fp32.py does it."""
     if loc.kind == "state_dict":
+        from mico_ds.checkpoint.formats.reader import unwrap_state_dict
         from mico_ds.checkpoint.formats.safetensors import load_state_dict
 
-        sd = load_state_dict(loc.path)
-        for key in ("module", "state_dict", "model"):  # a training script's wrapper dict
-            if isinstance(sd.get(key), dict):
-                sd = sd[key]
-        return sd
+        return unwrap_state_dict(load_state_dict(loc.path))  # a training script's wrapper dict, too
     from mico_ds.distributed.zero_checkpoint import fp32_state_dict
 
     return {k: v.contiguous() for k, v in fp32_state_dict(loc.path, loc.tag).items()}

@@ -93,9 +93,12 @@ def make_plan(
                 "largest_module": facts.largest_module, "persistent": facts.persistent, "vocab": facts.vocab},
     )  # fmt: skip
     seconds = 0.0
+    scaled: dict[str, int] = {}  # global batches that follow the world size (per-rank batch_size given)
     for c, k in zip(cfg.data.corpora, counts):
         if k == 0:
             continue
+        if c.global_batch_size is None:
+            scaled[c.name] = c.batch_size * cfg.optim.grad_accum * world
         mem = memory(cfg, ds, facts, world, gpn, c, gpu)
         tim = timing(cfg, ds, facts, world, nodes, c, gpu, mfu) if gpu is not None else None
         if tim is not None:
@@ -118,11 +121,6 @@ def make_plan(
             "offload: the CPU Adam step and the PCIe traffic of offloaded states are NOT in the step time"
         )
     hinted = int(hints.get("nodes", nodes)) * int(hints.get("gpus_per_node", gpn))
-    scaled = {
-        p.name: p.global_batch
-        for p, c in zip(plan.corpora, [c for c, k in zip(cfg.data.corpora, counts) if k])
-        if c.global_batch_size is None
-    }
     if world != hinted and scaled:
         plan.notes.append(
             f"{world} ranks instead of the recipe's {hinted}: the global batches of the corpora with a "

@@ -39,7 +39,7 @@ Shape = tuple[int, ...]
 # ----------------------------------------------------------------------------- reading
 
 
-def _unwrap(sd: Any) -> dict[str, torch.Tensor]:
+def unwrap_state_dict(sd: Any) -> dict[str, torch.Tensor]:
     """The state dict inside a training checkpoint ({"model": ...}, {"state_dict": ...}, {"module": ...})."""
     for key in ("model", "state_dict", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
@@ -123,7 +123,7 @@ class CheckpointReader:
                 log.warning("%s: legacy torch serialization, loading the whole file", f)
                 sd = torch.load(f, map_location="cpu", weights_only=True)
             try:
-                self._handle = _unwrap(sd)
+                self._handle = unwrap_state_dict(sd)
             except ValueError as e:
                 raise ValueError(f"{f}: {e}") from None
         self._open_file = f
@@ -160,7 +160,7 @@ class DictReader:
     """A :class:`CheckpointReader` over an in-memory state dict (tests, ``timm_to_encoder_state_dict``)."""
 
     def __init__(self, sd: dict[str, torch.Tensor]) -> None:
-        self.sd = _unwrap(sd)
+        self.sd = unwrap_state_dict(sd)
         self.path = Path("<state dict>")
 
     def keys(self) -> list[str]:
