@@ -19,6 +19,34 @@ VISION_PREFIX = "encoder."
 TEXT_PREFIX = "text."
 
 
+OPTIM_IMPLS = ("auto", "torch", "apex", "deepspeed")
+
+
+def resolve_optim_impl(impl: str, cuda: bool, apex_error: str | None, offload: bool) -> str:
+    """``optim.impl`` -> "torch" | "apex" | "deepspeed" | "deepspeed_cpu" (offloaded optimizer states).
+
+    auto picks apex's FusedAdam on CUDA when apex's ``amp_C`` extension imports, else torch's AdamW
+    (``fused=True`` on CUDA: one multi-tensor kernel, the algorithm of DeepSpeed's FusedAdam, without
+    its JIT build at start). ``apex_error`` is ``apex_import_error(APEX_ADAM_MODULES)``'s answer.
+    """
+    if impl not in OPTIM_IMPLS:
+        raise ValueError(f"optim.impl must be one of {'|'.join(OPTIM_IMPLS)}, got {impl!r}")
+    if offload:  # ZeRO-Offload steps on the CPU and refuses a client GPU optimizer
+        if impl in ("apex", "deepspeed"):
+            raise ValueError(f"optim.impl={impl} cannot step offloaded optimizer states; use auto|torch")
+        return "deepspeed_cpu"
+    if impl == "auto":
+        return "apex" if cuda and apex_error is None else "torch"
+    if impl in ("apex", "deepspeed") and not cuda:
+        raise RuntimeError(f"optim.impl={impl} needs CUDA (a fused GPU optimizer); use auto|torch")
+    if impl == "apex" and apex_error is not None:
+        raise RuntimeError(
+            f"optim.impl=apex but apex's FusedAdam cannot be imported ({apex_error}); build NVIDIA apex "
+            "from source with --cuda_ext, or use auto|torch"
+        )
+    return impl
+
+
 def lr_lambda(o: OptimConfig, max_steps: int) -> Callable[[int], float]:
     """Warmup then linear decay (MiCo appendix B.2: lr 1e-4 with linear decay), cosine, or constant."""
     total = max(1, max_steps)

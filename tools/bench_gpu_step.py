@@ -6,11 +6,16 @@ against the planner's prediction.
     python tools/bench_gpu_step.py --slice vitg-llama1b --batch 8
     python tools/bench_gpu_step.py --slice debug --steps 3  # anywhere (CPU, fp32): checks the script runs
     python tools/bench_gpu_step.py --json bench.json
+    # ZeRO-3 bf16 under the DeepSpeed launcher (NCCL), the batch from the planner (as gpu_check runs it)
+    python -m deepspeed.launcher.runner --num_gpus 1 tools/bench_gpu_step.py \
+        --slice vitg-llama1b --zero 3 --batch plan
 
-The step is the trainer's (``build_engine``: DeepSpeed ZeRO-0 engine, bf16 on GPUs, SDPA attention in
-both branches, activation checkpointing as in the recipe), on synthetic batches shaped like the recipe's
-largest corpus (VAST-27M: 4 video frames, 1 audio clip, depth, normal, 64 text tokens). ``--batch auto``
-halves the batch from 64 until a step fits in memory. The model FLOPs per sample are
+The step is the trainer's (``build_engine``: a DeepSpeed ZeRO-0 engine, ZeRO-3 with ``--zero 3``, bf16 on
+GPUs, SDPA attention in both branches, activation checkpointing as in the recipe), on synthetic batches
+shaped like the recipe's largest corpus (VAST-27M: 4 video frames, 1 audio clip, depth, normal, 64 text
+tokens). ``--batch auto`` halves the batch from 64 until a step fits in memory; ``--batch plan`` takes
+the largest of 64, 32, ... whose planner prediction is under 85% of the GPU's memory (no out-of-memory
+retries). The model FLOPs per sample are
 ``mico_ds.train.metrics.train_flops_per_sample`` (matmuls, training = 3 x forward, recomputation not
 counted), and
 
@@ -98,15 +103,18 @@ def planner():
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from mico_ds.config import load_config
     from mico_ds.data.schema import SpecialTokens
+    from mico_ds.distributed import get_world_size
     from mico_ds.distributed.engine import build_engine, init_distributed
+    from mico_ds.kernels.norms import apex_import_error, resolve_norm_impl
     from mico_ds.models.mico import MiCoModel
     from mico_ds.train.metrics import train_flops_per_sample
 
     recipe, slice_ov = SLICES[args.slice]
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    ds_config = "zero0_cpu.json" if args.zero == 0 else ("zero3_bf16_gpu.json" if cuda else "zero3_cpu.json")
     ov = [*slice_ov, "model.vision.pretrained=null", "model.text.pretrained=null",
-          "train.ds_config=zero0_cpu.json", f"train.precision={'bf16' if cuda else 'fp32'}",
+          f"train.ds_config={ds_config}", f"train.precision={'bf16' if cuda else 'fp32'}",
           *args.override]  # fmt: skip
     cfg = load_config(recipe, ov)
     corpus = max(cfg.data.corpora, key=lambda c: (len(c.modalities), c.batch_size))
@@ -121,7 +129,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                   8192 if cuda else 1024, 20 if cuda else 5)  # fmt: skip
     flops = train_flops_per_sample(cfg, mods, cfg.data.text_max_len, vocab)
 
-    sizes = [args.batch] if args.batch != "auto" else [64, 32, 16, 8, 4, 2, 1]
+    plan = planner()
+    gpu = next((v for k, v in PLANNER_GPU.items() if k in peak_name), "a100-80gb")
+
+    def predicted_peak(b: int) -> int:
+        p = plan.make_plan(recipe, ov, 1, 1, gpu, 0.4, device="gpu" if cuda else "cpu", batch=b)
+        return next(c.memory.peak for c in p.corpora if c.name == corpus.name)
+
+    if args.batch == "plan":
+        budget = 0.85 * (torch.cuda.get_device_properties(device).total_memory if cuda else 2**33)
+        sizes = [next((b for b in (64, 32, 16, 8, 4, 2) if predicted_peak(b) <= budget), 1)]
+    else:
+        sizes = [args.batch] if args.batch != "auto" else [64, 32, 16, 8, 4, 2, 1]
     last_error = None
     for b in map(int, sizes):
         for c in cfg.data.corpora:
@@ -158,13 +177,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if cuda
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
-    plan = planner()
-    gpu = next((v for k, v in PLANNER_GPU.items() if k in peak_name), "a100-80gb")
-    p = plan.make_plan(recipe, ov, 1, 1, gpu, 0.4, device="gpu" if cuda else "cpu", batch=b)
-    pred = next(c.memory.peak for c in p.corpora if c.name == corpus.name)
+    pred = predicted_peak(b)
     return {
         "slice": args.slice, "recipe": recipe, "overrides": ov, "device": peak_name, "corpus": corpus.name,
-        "modalities": mods, "batch": b, "precision": "bf16" if bf16 else "fp32", "zero_stage": 0,
+        "modalities": mods, "batch": b, "precision": "bf16" if bf16 else "fp32", "zero_stage": args.zero,
+        "ds_config": ds_config,
+        "optimizer": type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__,
+        "norm_impl": resolve_norm_impl(cfg.model.norm_impl, cuda, apex_import_error()),
+        "world_size": get_world_size(),
         "params": sum(getattr(q, "ds_numel", q.numel()) for q in engine.module.parameters()),
         "step_s": dt, "samples_per_s": sps, "flops_per_sample": flops, "tflops": tflops,
         "matmul_tflops_measured": measured_peak, "datasheet_tflops": datasheet,
@@ -180,8 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--slice", choices=sorted(SLICES), default="vitl-llama1b")
     p.add_argument(
-        "--batch", default="auto", help="per-GPU batch, or auto (largest of 64, 32, ... that fits)"
+        "--batch",
+        default="auto",
+        help="per-GPU batch, auto (largest of 64, 32, ... that fits), or plan (largest the planner fits)",
     )
+    p.add_argument("--zero", type=int, choices=[0, 3], default=0, help="ZeRO stage of the engine [0]")
     p.add_argument("--steps", type=int, default=10, help="timed steps [10]")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first [3]")
     p.add_argument("--json", help="also write the result to this file")
@@ -205,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['mfu_vs_measured_matmul']:.1%}")  # fmt: skip
     print(f"peak memory {r['peak_memory_bytes'] / gb:.2f} GiB ({r['peak_memory_kind']}); "
           f"planner predicted {r['planner_predicted_peak_bytes'] / gb:.2f} GiB")  # fmt: skip
-    if args.json:
+    if args.json and int(os.environ.get("RANK", "0")) == 0:
         Path(args.json).write_text(json.dumps(r, indent=1))
     return 0
 

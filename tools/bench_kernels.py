@@ -66,7 +66,7 @@ def contrastive_case(impl: str, n: int, dim: int, tile: int, device: str, repeat
         z.grad = t.grad = s.grad = None
         loss = fn(z, t, s)
         loss.backward()
-        return float(loss)  # host sync
+        return float(loss.detach())  # host sync
 
     out: dict[str, Any] = {"impl": impl, "n": n, "dim": dim, "tile": tile, "device": device}
     if device == "cpu":
@@ -259,9 +259,12 @@ def bench_context(a: argparse.Namespace) -> list[dict[str, Any]]:
 
     B, L, D = a.size
     dtype = getattr(torch, a.dtype)
+    from mico_ds.kernels import interpret_requested
+
     impls = {"eager": lambda *args: context_embed_reference(*args)}
-    impls["compile"] = torch.compile(context_embed_reference, dynamic=False)
-    if a.device == "cuda":
+    if getattr(a, "compile", True):
+        impls["compile"] = torch.compile(context_embed_reference, dynamic=False)
+    if a.device == "cuda" or interpret_requested():  # the interpreter: only that the path runs
         impls["fused"] = lambda *args: context_embed(*args, impl="triton")
     rows = []
     for sam in (False, True):

@@ -253,6 +253,11 @@ class ModelConfig(Section):
     kernels: Literal["auto", "triton", "torch"] = _f(
         "auto", "Fused kernels: auto (Triton on CUDA, PyTorch elsewhere), triton, or torch."
     )
+    norm_impl: Literal["auto", "apex", "torch"] = _f(
+        "auto",
+        "LayerNorm/RMSNorm kernels of both branches: apex (NVIDIA apex's fused norms, CUDA), torch "
+        "(PyTorch's F.layer_norm / F.rms_norm), or auto (apex on CUDA when it imports, else torch).",
+    )
 
 
 @dataclass
@@ -309,6 +314,12 @@ class OptimConfig(Section):
     grad_accum: int = _f(1, "Gradient accumulation steps per optimizer step.")
     vision_lr_scale: float = _f(1.0, "Learning-rate multiplier of the vision branch (0 freezes it).")
     text_lr_scale: float = _f(1.0, "Learning-rate multiplier of the text branch (0 freezes it).")
+    impl: Literal["auto", "torch", "apex", "deepspeed"] = _f(
+        "auto",
+        "AdamW kernel: torch (fused on CUDA), apex (apex FusedAdam, CUDA), deepspeed (DeepSpeed "
+        "FusedAdam, JIT-built at start, CUDA), or auto (apex on CUDA when it imports, else torch). With "
+        "optimizer offload DeepSpeed's CPU Adam is always used.",
+    )
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +20,10 @@ import torch
 from mico_ds import distributed as mdist
 from mico_ds.config import RunConfig
 from mico_ds.distributed.ds_config import offloads_optimizer, resolve_ds_config, zero_stage
-from mico_ds.optim import lr_lambda, param_groups
+from mico_ds.kernels.norms import APEX_ADAM_MODULES, apex_import_error, resolve_norm_impl, swap_norms
+from mico_ds.optim import lr_lambda, param_groups, resolve_optim_impl
+
+log = logging.getLogger("mico_ds")
 
 
 def init_distributed(timeout_s: float) -> None:
@@ -68,15 +72,33 @@ def unlink_shm_buffers() -> None:
 
 
 def make_optimizer(groups: list[dict[str, Any]], cfg: RunConfig, ds: dict[str, Any]) -> torch.optim.Optimizer:
-    """AdamW: DeepSpeed's CPU Adam when the optimizer states are offloaded (ZeRO-Offload steps them on
-    the CPU and refuses a client torch optimizer there), torch's fused AdamW on CUDA, else torch's."""
+    """AdamW of ``optim.impl`` (:func:`mico_ds.optim.resolve_optim_impl`): DeepSpeed's CPU Adam when
+    the optimizer states are offloaded, apex's or DeepSpeed's FusedAdam, or torch's (fused on CUDA)."""
     o = cfg.optim
-    if offloads_optimizer(ds):
+    cuda = torch.cuda.is_available()
+    impl = resolve_optim_impl(o.impl, cuda, apex_import_error(APEX_ADAM_MODULES), offloads_optimizer(ds))
+    kw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    if impl == "deepspeed_cpu":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
-    fused = torch.cuda.is_available()
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+    if impl == "apex":
+        from apex.optimizers import FusedAdam
+
+        return FusedAdam(groups, adam_w_mode=True, **kw)
+    if impl == "deepspeed":
+        from deepspeed.ops.adam import FusedAdam as DeepSpeedFusedAdam
+
+        return DeepSpeedFusedAdam(groups, adam_w_mode=True, **kw)
+    return torch.optim.AdamW(groups, fused=cuda or None, **kw)
+
+
+def swap_model_norms(model: torch.nn.Module, cfg: RunConfig) -> str:
+    """Put ``model.norm_impl``'s kernels into ``model`` (before the engine registers its hooks);
+    returns a line for the log."""
+    impl = resolve_norm_impl(cfg.model.norm_impl, torch.cuda.is_available(), apex_import_error())
+    counts = swap_norms(model, impl)
+    return f"norms: {impl} ({', '.join(f'{k} x{v}' for k, v in sorted(counts.items())) or 'none found'})"
 
 
 def build_engine(cfg: RunConfig, model_fn: Callable[[], torch.nn.Module]) -> tuple[Any, dict[str, Any]]:
@@ -97,6 +119,7 @@ def build_engine(cfg: RunConfig, model_fn: Callable[[], torch.nn.Module]) -> tup
             model = model_fn()
     else:
         model = model_fn()
+    norm_line = swap_model_norms(model, cfg)
     # Before the engine exists, so its fp32 master weights start from the pretrained ones.
     load_pretrained(model, cfg.model, zero3=zero3)
     groups = param_groups(model, cfg.optim)
@@ -104,4 +127,6 @@ def build_engine(cfg: RunConfig, model_fn: Callable[[], torch.nn.Module]) -> tup
     base = lr_lambda(cfg.optim, cfg.train.max_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, [base] * len(groups))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optim, lr_scheduler=sched, config=ds)
+    if mdist.get_rank() == 0:
+        log.info("%s; optimizer %s.%s", norm_line, type(optim).__module__, type(optim).__name__)
     return engine, ds

@@ -260,7 +260,8 @@ class MiCoModel(nn.Module):
                 gen = self.generator(RandomStream.MATCHING, step, micro, ids.device)
                 self.add_matching_rows(rows, prefix, ids, mask, ids_all, mask_all, feats, scale, gen)
             if w["generation_loss"] > 0:
-                gen = self.generator(RandomStream.GENERATION, step, micro, ids.device)
+                # (B, L) noise from a CPU generator: the same masks on every device, for a tiny copy.
+                gen = self.generator(RandomStream.GENERATION, step, micro, "cpu")
                 masked_ids, is_masked = mask_caption_tokens(
                     ids, mask, self.objective_cfg.mask_ratio, self.special, gen
                 )

@@ -32,7 +32,8 @@ def mask_caption_tokens(
         text_ids, text_mask: (B, L).
         mask_ratio: fraction in (0, 1].
         special: ids of BOS and pad (never masked), of EOS (maskable: a target like any word) and of <mask>.
-        generator: torch.Generator on ``text_ids.device``.
+        generator: torch.Generator on any device: the noise is drawn there and moved to
+            ``text_ids.device`` (from a CPU generator, a CPU and a GPU run draw the same masks).
 
     Returns:
         masked_ids (B, L) and is_masked (B, L) bool.
@@ -43,7 +44,8 @@ def mask_caption_tokens(
     for tid in (special.bos_id, special.pad_id):
         eligible &= text_ids != tid
     k = torch.floor(eligible.sum(dim=1).double() * mask_ratio + 0.5).long()  # (B,)
-    noise = torch.rand(text_ids.shape, generator=generator, device=text_ids.device)
+    where = generator.device if generator is not None else text_ids.device
+    noise = torch.rand(text_ids.shape, generator=generator, device=where).to(text_ids.device)
     noise = noise.masked_fill(~eligible, 2.0)  # ineligible tokens sort last
     rank = noise.argsort(dim=1).argsort(dim=1)  # rank of each token's noise within its row
     is_masked = rank < k.unsqueeze(1)
