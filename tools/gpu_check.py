@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-TOOLS = Path(__file__).resolve().parent
+TOOLS = Path(__file__).resolve().parent  # also sys.path[0] when run as a script: bench_* import from it
 GIB = 2**30
 TARGETS = {"contrastive_memory_ratio": 0.1, "contrastive_time_ratio": 1.2, "context_speedup_vs_eager": 2.0}
 
@@ -265,14 +265,12 @@ def losses_section(c: Check) -> dict[str, Any]:
 def losses_worker(a: argparse.Namespace) -> None:
     """One engine, a few steps on the debug recipe from seed-0 weights and seeded CPU batches."""
     import torch
+    from bench_gpu_step import synthetic_batch
 
     from mico_ds.config import load_config
     from mico_ds.data.schema import SpecialTokens
     from mico_ds.distributed.engine import build_engine, init_distributed
     from mico_ds.models.mico import MiCoModel
-
-    sys.path.insert(0, str(TOOLS))
-    from bench_gpu_step import synthetic_batch
 
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("_losses --device cuda: no GPU in this process")
@@ -366,7 +364,6 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--steps", type=int, required=True)
     w.add_argument("--json", required=True)
     a = p.parse_args(argv)
-    sys.path.insert(0, str(TOOLS))
     if a.cmd == "_losses":
         losses_worker(a)
         return 0

@@ -130,6 +130,13 @@ RULES: list[Rule] = [
     Rule(r"python tools/plot_runs\.py runs/ablation/.*", H, "python tools/plot_runs.py --help"),
     # --- benchmarks: minutes each, and the GPU ones need a GPU
     Rule(r"python tools/bench_gpu_step\.py --slice debug --steps 3", "run"),
+    Rule(r"python -m deepspeed\.launcher\.runner --num_gpus 1 tools/bench_gpu_step\.py .*--zero 3.*", H,
+         "python tools/bench_gpu_step.py --help", expect=("--zero",)),  # its CPU form runs in gpu_check
+    Rule(r"python tools/gpu_check\.py --device cpu --quick .*", "covered",
+         "tests/integration/test_gpu_check.py"),
+    Rule(r"python tools/gpu_check\.py --out .*", H, "python tools/gpu_check.py --help",
+         expect=("--device cpu --quick",)),
+    Rule(r"python -m pytest -m gpu (tests/gpu) -q", "covered", "{1}/test_kernels_gpu.py"),
     Rule(r"python tools/bench_(loader|kernels|train|gpu_step)\.py.*", H, "python tools/bench_{1}.py --help"),
     # --- the test suite's own parts (.ci/run runs every test file)
     Rule(r"python -m pytest (tests/\S+) -q", "covered", "{1}"),

@@ -70,7 +70,9 @@ def test_apex_probe_reports_this_machine() -> None:
         ("deepspeed", True, "x", False, "deepspeed"),
     ],
 )
-def test_optim_impl_resolution(impl: str, cuda: bool, apex_error: str | None, offload: bool, want: str) -> None:
+def test_optim_impl_resolution(
+    impl: str, cuda: bool, apex_error: str | None, offload: bool, want: str
+) -> None:
     assert resolve_optim_impl(impl, cuda, apex_error, offload) == want
 
 
