@@ -10,7 +10,9 @@ every section, so a run cut short keeps what it measured):
 
   kernels     every Triton kernel against an fp64 oracle (mico_ds/kernels/selfcheck.py), forward and
               backward, fp32 and bf16, at sizes off the block sizes and at ViT-g sizes (context
-              B=64 L=512 D=1408; contrastive N up to 64K, E=1024), with the tolerances used
+              B=64 L=512 D=1408; contrastive N up to 64K, E=1024), with the tolerances used; the fused
+              norms (PyTorch's RMSNorm, apex's RMSNorm/LayerNorm where apex imports) against the
+              modules they replace
   bench       tiled Triton contrastive vs open_clip ClipLoss(local_loss=True, gather_with_grad=True)
               at N=16K E=1024 (targets: <= 1/10 the memory, <= 1.2x the time) and the fused context
               embeddings vs eager vs torch.compile (target: >= 2x eager forward+backward), through
@@ -203,7 +205,10 @@ def step_section(c: Check) -> dict[str, Any]:
             out = Path(tmp) / "step.json"
             args = ["--slice", slice_, "--zero", "3", "--batch", batch, *steps, "--json", str(out)]
             cmd = _launcher(1, TOOLS / "bench_gpu_step.py", args)
-            rc, log = _run(cmd, min(c.left_s(), a.step_timeout_s))
+            env = dict(os.environ)
+            if a.device == "cpu":  # the CPU mode stays on the CPU on a machine with a GPU too
+                env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
+            rc, log = _run(cmd, min(c.left_s(), a.step_timeout_s), env)
             attempts.append({"command": " ".join(cmd[1:]), "rc": rc, "log_tail": log[-3000:]})
             if rc == 0 and out.exists():
                 r = json.loads(out.read_text())
@@ -306,6 +311,7 @@ def table(data: dict[str, Any]) -> str:
     for row in s.get("kernels", {}).get("cases", []):
         worst = max((o["worst_ratio"] for o in row.get("outputs", {}).values()), default=float("nan"))
         shape = "x".join(str(row[k]) for k in ("B", "L", "D", "N", "n", "E") if k in row)
+        shape = f"{row['kind']}/{row['impl']} {shape}" if row["check"] == "norm" else shape
         dt = row.get("dtype") or f"{row.get('x_dtype')}/{row.get('table_dtype')}"
         sam = " +E_Sam" if row.get("e_sam") or row.get("with_sam") else ""
         err = f"  {row['error']}" if "error" in row else ""

@@ -172,6 +172,46 @@ def check_contrastive(n: int, E: int, dtype: torch.dtype, device: str, seed: int
     return _record("contrastive", case, outputs, t0)
 
 
+def check_norm(
+    kind: str, impl: str, D: int, dtype: torch.dtype, device: str, seed: int = 0
+) -> dict[str, Any]:
+    """A swapped norm (``model.norm_impl``) against the module it replaces, forward and backward."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from mico_ds.kernels.norms import ApexLayerNorm, FusedRMSNorm
+
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    if kind == "rmsnorm":
+        ref: torch.nn.Module = LlamaRMSNorm(D, eps=1e-5)
+    else:
+        ref = torch.nn.LayerNorm(D, eps=1e-6)
+        ref.bias.data.copy_(torch.randn(D, generator=g))
+    ref.weight.data.copy_(torch.randn(D, generator=g))
+    ref = ref.to(device, dtype)
+    if kind == "rmsnorm":
+        fused: torch.nn.Module = FusedRMSNorm(ref.weight, 1e-5, impl)
+    else:
+        fused = ApexLayerNorm(ref) if impl == "apex" else ref
+    x = torch.randn(4, 77, D, generator=g).to(device, dtype)
+    dout = torch.randn(4, 77, D, generator=g).to(device, dtype)
+    results = []
+    for m in (fused, ref):
+        xi = x.clone().requires_grad_()
+        params = list(m.parameters())
+        y = m(xi)
+        results.append([y, *torch.autograd.grad(y, [xi, *params], dout)])
+    names = ["out", "dx", "dweight", "dbias"]
+    # One fused pass against several eager ones: within a few roundings of the output dtype; the weight
+    # gradients sum 4 x 77 rows.
+    outputs = {
+        n: _compare(a, b, *_tol(dtype, 4.0 if n in ("out", "dx") else 4.0 * 308**0.5))
+        for n, a, b in zip(names, *results)
+    }
+    case = {"kind": kind, "impl": impl, "D": D, "dtype": str(dtype)[6:], "device": device}
+    return _record("norm", case, outputs, t0)
+
+
 def kernel_cases(quick: bool) -> list[tuple[str, dict[str, Any]]]:
     """The cases of the GPU check: sizes off the block sizes and the ViT-g sizes (quick: tiny ones)."""
     if quick:
@@ -190,10 +230,24 @@ def kernel_cases(quick: bool) -> list[tuple[str, dict[str, Any]]]:
     for n, E in con:
         for dt in (F32, BF16):
             cases.append(("contrastive", dict(n=n, E=E, dtype=dt)))
+    return cases + norm_cases(quick)
+
+
+def norm_cases(quick: bool) -> list[tuple[str, dict[str, Any]]]:
+    """PyTorch's fused RMSNorm always; apex's RMSNorm and LayerNorm where apex imports (CUDA only)."""
+    from mico_ds.kernels.norms import apex_import_error
+
+    impls = ["torch"] + ([] if quick or apex_import_error() is not None else ["apex"])
+    dims = {"rmsnorm": 64 if quick else 4096, "layernorm": 48 if quick else 1408}
+    cases = []
+    for impl in impls:
+        for kind in ("rmsnorm", "layernorm") if impl == "apex" else ("rmsnorm",):
+            for dt in (F32, BF16):
+                cases.append(("norm", dict(kind=kind, impl=impl, D=dims[kind], dtype=dt)))
     return cases
 
 
-CHECKS = {"context_embed": check_context_embed, "contrastive": check_contrastive}
+CHECKS = {"context_embed": check_context_embed, "contrastive": check_contrastive, "norm": check_norm}
 
 
 def run_case(name: str, kwargs: dict[str, Any], device: str) -> dict[str, Any]:

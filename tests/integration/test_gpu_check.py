@@ -43,7 +43,7 @@ def test_kernel_section_covers_every_case_with_its_tolerances(quick_run) -> None
     _, data = quick_run
     cases = data["sections"]["kernels"]["cases"]
     assert len(cases) == len(kernel_cases(quick=True))
-    assert {c["check"] for c in cases} == {"context_embed", "contrastive"}
+    assert {c["check"] for c in cases} == {"context_embed", "contrastive", "norm"}
     for c in cases:
         assert c["device"] == "cpu"
         for name, o in c["outputs"].items():
