@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mico_ds.checkpoint import safe_load
 from mico_ds.checkpoint.layout import CLIENT_DIR
 
 
@@ -57,7 +58,7 @@ def client_file(ckpt_dir: Path, tag: str, rank: int) -> Path:
 def load_client(ckpt_dir: Path, tag: str, rank: int) -> dict[str, Any] | None:
     """One rank's client state, or None when the checkpoint has no file for that rank."""
     f = client_file(ckpt_dir, tag, rank)
-    return torch.load(f, weights_only=False) if f.exists() else None
+    return safe_load.load(f) if f.exists() else None
 
 
 def load_data_states(ckpt_dir: Path, tag: str, world_size: int) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
+from mico_ds.checkpoint import safe_load
 
 TAG_RE = re.compile(r"^step(\d{8})$")
 CHECKPOINTS = "checkpoints"
@@ -122,7 +122,7 @@ def describe(tag_dir: Path) -> dict[str, Any]:
         meta = tag_dir / CLIENT_DIR / META_FILE
         world = json.loads(meta.read_text()).get("world_size") if meta.is_file() else None
         return {"zero_stage": 0, "world_size": world, "universal": False}
-    sd = torch.load(optim[0], map_location="cpu", mmap=True, weights_only=False)
+    sd = safe_load.load(optim[0], map_location="cpu", mmap=True)
     stage = sd.get("optimizer_state_dict", {}).get("zero_stage")
     if stage is None:
         raise ValueError(f"{optim[0]}: its optimizer state has no zero_stage: not a ZeRO checkpoint")

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from mico_ds.checkpoint import safe_load
 from mico_ds.checkpoint.layout import (
     CLIENT_DIR,
     META_FILE,
@@ -57,12 +58,13 @@ def load_engine_checkpoint(engine: Any, ckpt_dir: Path, tag: str, universal: boo
     conf = engine._config
     before = conf.load_universal_checkpoint
     conf.load_universal_checkpoint = universal
+    safe_load.verify_tree(Path(ckpt_dir) / tag)  # DeepSpeed unpickles these with weights_only=False
     try:
         path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     finally:
         conf.load_universal_checkpoint = before
     if path is not None and universal and engine.zero_optimization_stage() == 3:
-        saved = torch.load(Path(ckpt_dir) / tag / "zero" / "optimizer_state.pt", weights_only=False)
+        saved = safe_load.load(Path(ckpt_dir) / tag / "zero" / "optimizer_state.pt")
         groups = saved["param_groups"]
         live = engine.optimizer.optimizer.param_groups  # the torch optimizer under ZeRO-3
         if len(groups) != len(live):
@@ -85,13 +87,13 @@ class _UniversalTensor:
         self.path, self.shape, self.dtype = path, torch.Size(shape), torch.float32
 
     def contiguous(self) -> torch.Tensor:
-        t = torch.load(self.path, map_location="cpu", weights_only=False)
+        t = safe_load.load(self.path, map_location="cpu")
         t = t["param"] if isinstance(t, dict) else t
         return t.reshape(self.shape).float()
 
 
 def _module_order(model_file: str) -> list[str]:
-    sd = torch.load(model_file, map_location="cpu", mmap=True, weights_only=False)
+    sd = safe_load.load(model_file, map_location="cpu", mmap=True)
     return list(sd.get("module") or {})
 
 
@@ -111,7 +113,7 @@ def fp32_state_dict(ckpt_dir: str | Path, tag: str) -> Mapping[str, Any]:
     model_files = sorted(glob.glob(str(tag_dir / MODEL_STATES)))
     order = _module_order(model_files[0])
     if info["universal"]:
-        sd0 = torch.load(model_files[0], map_location="cpu", mmap=True, weights_only=False)
+        sd0 = safe_load.load(model_files[0], map_location="cpu", mmap=True)
         shapes = {k: v for group in sd0["param_shapes"] for k, v in group.items()}
         out: dict[str, Any] = {
             k: v.float() if v.is_floating_point() else v
@@ -124,7 +126,7 @@ def fp32_state_dict(ckpt_dir: str | Path, tag: str) -> Mapping[str, Any]:
                 raise ValueError(f"universal checkpoint {tag_dir} lacks {f}")
             out[name] = _UniversalTensor(f, shape)
     elif info["zero_stage"] == 0:
-        sd0 = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        sd0 = safe_load.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu")
         out = {k: v.float() if v.is_floating_point() else v for k, v in sd0["module"].items()}
         opt = sd0.get("optimizer")
         if isinstance(opt, dict) and opt.get("fp32_groups"):
@@ -133,6 +135,7 @@ def fp32_state_dict(ckpt_dir: str | Path, tag: str) -> Mapping[str, Any]:
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        safe_load.verify_tree(tag_dir)  # DeepSpeed unpickles these with weights_only=False
         out = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag, lazy_mode=True)
     rank = {k: i for i, k in enumerate(order)}
     return OrderedDict(sorted(out.items(), key=lambda kv: rank.get(kv[0], len(rank))))
@@ -207,6 +210,7 @@ def to_universal(
     info = describe(src)
     if info["universal"]:
         raise ValueError(f"{src} is already a universal checkpoint")
+    safe_load.verify_tree(src)  # ds_to_universal unpickles these with weights_only=False
     if info["zero_stage"] == 0:
         raise ValueError(
             f"{src} is a ZeRO-0 checkpoint: mp_rank_00_model_states.pt holds the whole model and optimizer, "

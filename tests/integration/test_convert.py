@@ -280,3 +280,37 @@ def test_zero2_converts_and_changes_the_world_size(data_root: Path, tmp_path: Pa
     )
     groups = osd["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
     assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.01]
+
+
+class _Runs:
+    """Unpickling this calls ``Path.touch(marker)``: what a tampered checkpoint could do on every rank."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_whose_pickle_runs_code_is_refused(run2: Path, data_root: Path, tmp_path: Path) -> None:
+    """Resume, zero_to_fp32 and to_universal refuse a tag whose optimizer file would run code when
+    DeepSpeed unpickles it (weights_only=False inside DeepSpeed), naming the file; nothing runs."""
+    run = tmp_path / "run"
+    shutil.copytree(run2, run)
+    marker = tmp_path / "code_ran"
+    f = run / "checkpoints" / f"step{STEPS:08d}" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    sd = torch.load(f, weights_only=False)  # our own file, read before it is tampered with
+    sd["ds_config"]["note"] = _Runs(marker)
+    torch.save(sd, f)
+
+    steps = f"--train.max_steps={STEPS + 1}"
+    resume = run_train(run, *data_overrides(data_root), steps, "--resume", "latest", check=False)
+    for name, args in [("zero_to_fp32", [str(run), str(tmp_path / "out")]), ("to_universal", [str(run)])]:
+        p = subprocess.run([sys.executable, str(REPO / "tools" / f"{name}.py"), *args], cwd=REPO, env=env(),
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert p.returncode != 0, name
+        assert f"{f.name}: refused to load" in p.stdout + p.stderr and "pathlib" in p.stdout + p.stderr, name
+    assert resume.returncode != 0
+    assert f"{f.name}: refused to load" in resume.stdout + resume.stderr
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists() and not list((run / "checkpoints").glob("*_universal*"))
