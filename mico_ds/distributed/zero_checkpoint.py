@@ -58,11 +58,16 @@ def load_engine_checkpoint(engine: Any, ckpt_dir: Path, tag: str, universal: boo
     conf = engine._config
     before = conf.load_universal_checkpoint
     conf.load_universal_checkpoint = universal
-    safe_load.verify_tree(Path(ckpt_dir) / tag)  # DeepSpeed unpickles these with weights_only=False
+    # DeepSpeed unpickles with weights_only=False: its checkpoint engine is pointed at safe_load for
+    # this call, and the files it reads with torch.load directly (universal ones) are checked first.
+    safe_load.verify_tree(Path(ckpt_dir) / tag)
+    ce = engine.checkpoint_engine
+    ce.load = lambda path, map_location=None: safe_load.load(path, map_location=map_location)
     try:
         path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     finally:
         conf.load_universal_checkpoint = before
+        del ce.load  # the class's own method again
     if path is not None and universal and engine.zero_optimization_stage() == 3:
         saved = safe_load.load(Path(ckpt_dir) / tag / "zero" / "optimizer_state.pt")
         groups = saved["param_groups"]
