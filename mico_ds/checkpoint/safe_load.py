@@ -22,13 +22,14 @@ from typing import Any
 import torch
 
 # What DeepSpeed 0.19 and mico_ds put in checkpoints beyond what weights_only allows by default
-# (tensors, containers, torch.Size, OrderedDict): DeepSpeed's loss scaler and ZeRO stage enum in the
-# optimizer states, numpy's RNG state arrays in mico_ds's client state.
+# (tensors, containers, torch.Size, OrderedDict): DeepSpeed's loss scaler, ZeRO stage enum and
+# parameter-slice addresses in the optimizer states, numpy's RNG state arrays in mico_ds's client state.
 ALLOWED_GLOBALS: frozenset[str] = frozenset(
     {
         "deepspeed.runtime.fp16.loss_scaler.LossScaler",
         "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
         "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "deepspeed.utils.tensor_fragment.fragment_address",  # ZeRO-1/2 and bf16: param_slice_mappings
         "numpy.ndarray",
         "numpy.dtype",
         "numpy._core.multiarray._reconstruct",
