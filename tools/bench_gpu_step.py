@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.batch == "plan":
         budget = 0.85 * (torch.cuda.get_device_properties(device).total_memory if cuda else 2**33)
         sizes = [next((b for b in (64, 32, 16, 8, 4, 2) if predicted_peak(b) <= budget), 1)]
+        print(f"batch from the planner: {sizes[0]}", flush=True)  # before the step: an OOM log has it too
     else:
         sizes = [args.batch] if args.batch != "auto" else [64, 32, 16, 8, 4, 2, 1]
     last_error = None

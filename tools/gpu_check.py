@@ -231,9 +231,10 @@ def step_section(c: Check) -> dict[str, Any]:
 
 
 def _planned_batch(log: str) -> int | None:
+    """The batch bench_gpu_step.py's ``--batch plan`` chose (printed before the step runs)."""
     for line in log.splitlines():
-        if line.startswith("== ") and "batch " in line:
-            return int(line.split("batch ")[1].split(",")[0])
+        if line.startswith("batch from the planner: "):
+            return int(line.rsplit(" ", 1)[1])
     return None
 
 
