@@ -5,6 +5,10 @@ Layout under ``<run_dir>/checkpoints``::
 
     step00000100/                 DeepSpeed's files (ZeRO partitions, optimizer, scheduler)
     step00000100/client/rankR.pt  per-rank client state: data stream positions, RNG states
+    step00000100/mico_manifest.json
+                                  every file of the checkpoint with its size and CRC-32, recorded
+                                  while it was written (rank 0, in the commit step, before meta.json);
+                                  checked before the checkpoint is used (mico_ds.checkpoint.manifest)
     step00000100/client/meta.json step, resolved config, world size, metric history (rank 0);
                                   written last: a directory with meta.json is complete
     latest                        name of the newest COMPLETE checkpoint (DeepSpeed's convention)
@@ -34,6 +38,9 @@ CLIENT_DIR = "client"
 META_FILE = "meta.json"
 # Written into a tag dir by tools/to_universal.py: load it with DeepSpeed's checkpoint.load_universal.
 UNIVERSAL_MARKER = "mico_universal.json"
+# Sizes and checksums of a checkpoint's files (mico_ds.checkpoint.manifest); not in client/, which
+# tools/to_universal.py copies into a checkpoint with other files.
+MANIFEST_FILE = "mico_manifest.json"
 MODEL_STATES = "*_model_states.pt"
 OPTIM_STATES = "*_optim_states.pt"
 STATE_DICT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -59,8 +66,11 @@ def read_latest(ckpt_dir: Path) -> str | None:
 def write_latest(ckpt_dir: Path, tag: str) -> None:
     """Point ``latest`` at ``tag`` atomically (temporary file, then rename)."""
     tmp = Path(ckpt_dir) / f".latest.{os.getpid()}.tmp"
-    tmp.write_text(tag)
-    os.replace(tmp, Path(ckpt_dir) / "latest")
+    try:
+        tmp.write_text(tag)
+        os.replace(tmp, Path(ckpt_dir) / "latest")
+    finally:
+        tmp.unlink(missing_ok=True)  # left only by a failed write (a full disk)
 
 
 def is_tag_dir(p: Path) -> bool:

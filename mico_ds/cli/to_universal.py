@@ -14,10 +14,11 @@ engine loads with "checkpoint": {"load_universal": true}. This tool also copies 
 (step, config, data-stream positions, metric history) and writes mico_universal.json, the marker from
 which the trainer knows to load the tag as universal: no config change is needed.
 
-The source checkpoint is not modified. The output is written under a temporary name and renamed when
-complete; it is not counted by checkpoint retention (delete it when the resumed run has saved its own).
-ZeRO-0 checkpoints need no conversion (one file holds the whole model and optimizer). See
-docs/operations.md, "Change the GPU count".
+The source checkpoint is first checked against its manifest (sizes and CRC-32 checksums recorded when
+it was saved; --no-verify skips this); it is not modified. The output is written under a temporary
+name and renamed when complete; it is not counted by checkpoint retention (delete it when the resumed
+run has saved its own). ZeRO-0 checkpoints need no conversion (one file holds the whole model and
+optimizer). See docs/operations.md, "Change the GPU count".
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import argparse
 import sys
 import time
 
-from mico_ds.checkpoint import describe, locate
+from mico_ds.checkpoint import describe, locate, manifest
 from mico_ds.cli.common import fail
 
 
@@ -40,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="DeepSpeed extract/merge processes (%(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out-tag")
     p.add_argument("--keep-temp", action="store_true", help="keep DeepSpeed's intermediate fragments (debug)")
+    p.add_argument(
+        "--no-verify", action="store_true",
+        help="do not check the source's files against its manifest (sizes, CRC-32) first",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error(f"--workers must be >= 1, got {args.workers}")
@@ -49,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loc = locate(args.checkpoint, args.tag)
         ckpt_dir, tag = loc.path, loc.tag
+        if not args.no_verify:
+            print(manifest.require_intact(ckpt_dir / tag), flush=True)
         info = describe(ckpt_dir / tag)
         print(
             f"checkpoint {ckpt_dir / tag}: ZeRO-{info['zero_stage']}, "
@@ -63,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             overwrite=args.overwrite,
             keep_temp=args.keep_temp,
+            verify=False,  # checked above
         )
     except ValueError as e:
         return fail("to_universal.py", e)

@@ -11,7 +11,10 @@
     #   EXPORT/text:   transformers.LlamaForCausalLM.from_pretrained("EXPORT/text"),
     #                  transformers.AutoTokenizer.from_pretrained("EXPORT/text")
 
-The first argument is a run directory, its checkpoints/ directory or one checkpoint directory. The
+The first argument is a run directory, its checkpoints/ directory or one checkpoint directory. Before
+anything is read, the checkpoint's files are checked against its manifest (mico_manifest.json: sizes
+and CRC-32 checksums recorded when it was saved); a truncated or bit-flipped file is an error naming it.
+--no-verify skips the check (a checkpoint without a manifest is read unverified, with a note). The
 weights are DeepSpeed's own reconstruction (``deepspeed.utils.zero_to_fp32``, the code of the
 zero_to_fp32.py DeepSpeed copies next to every checkpoint): the fp32 master weights, not the bf16
 copies. Memory: under ZeRO-3 each parameter is gathered from the memory-mapped partitions when its
@@ -33,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from mico_ds.checkpoint import describe, locate, read_run_config
+from mico_ds.checkpoint import describe, locate, manifest, read_run_config
 from mico_ds.checkpoint.formats import export_branches
 from mico_ds.checkpoint.formats.safetensors import save_state_dict
 from mico_ds.cli.common import fail, parse_size
@@ -68,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         help="tokenizer.model or tokenizer dir for the text export (default: the run's data.tokenizer)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace weight files already in output_dir")
+    p.add_argument(
+        "--no-verify", action="store_true",
+        help="do not check the files against the checkpoint's manifest (sizes, CRC-32) first",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_intermixed_args(argv)  # `RUN --tag T OUT` as well as `RUN OUT --tag T`
     if args.output_dir is None and args.export_branches is None:
@@ -89,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         old = [f.name for pat in ("model*.safetensors*", "pytorch_model*.bin*") for f in out.glob(pat)]
         if old:
             return fail("zero_to_fp32.py", f"{out} already holds {sorted(old)[:4]}; pass --overwrite")
+    if not args.no_verify:
+        try:
+            print(manifest.require_intact(ckpt_dir / tag), flush=True)
+        except ValueError as e:
+            return fail("zero_to_fp32.py", e)
     info = describe(ckpt_dir / tag)
     print(
         f"checkpoint {ckpt_dir / tag}: ZeRO-{info['zero_stage']}"

@@ -352,10 +352,22 @@ class TrainConfig(Section):
 
 @dataclass
 class CheckpointConfig(Section):
-    """Checkpoint retention."""
+    """Checkpoint retention, verification and the free-space check (docs/operations.md, "Checkpoint
+    integrity and a full disk")."""
 
     keep_last: int = _f(3, "Keep the newest K checkpoints.")
     keep_every: int = _f(0, "Also keep every checkpoint whose step is a multiple of M (0: none).")
+    verify: Literal["checksum", "size", "off"] = _f(
+        "checksum",
+        "What a resume checks of a checkpoint against its manifest (mico_manifest.json): every file's size "
+        "and CRC-32 (read once, split over the ranks), sizes only, or nothing. `--resume latest` falls back "
+        "to the newest intact checkpoint; a named damaged one is an error.",
+    )
+    check_free_space: bool = _f(
+        True,
+        "Before a save, stop the run (nothing written, `latest` kept) when the disk has less free space "
+        "than the previous checkpoint took.",
+    )
 
 
 EvalTask = Literal["retrieval", "captioning", "qa", "grounding"]

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from mico_ds.checkpoint import safe_load
+from mico_ds.checkpoint import manifest, safe_load
 from mico_ds.checkpoint.layout import (
     CLIENT_DIR,
     META_FILE,
@@ -192,6 +192,7 @@ def to_universal(
     workers: int = 1,
     overwrite: bool = False,
     keep_temp: bool = False,
+    verify: bool = True,
 ) -> Path:
     """Convert ``ckpt_dir/tag`` (ZeRO-1/2/3) into a universal checkpoint ``ckpt_dir/out_tag``.
 
@@ -205,6 +206,7 @@ def to_universal(
         workers: DeepSpeed's extract/merge processes (1: in this process).
         overwrite: replace an existing ``out_tag``.
         keep_temp: keep DeepSpeed's intermediate fragment files (``tmp/``) for debugging.
+        verify: check the source against its manifest first (``ValueError`` naming a damaged file).
     """
     from deepspeed.checkpoint import ds_to_universal
 
@@ -212,6 +214,8 @@ def to_universal(
     src = ckpt_dir / tag
     out_tag = out_tag or f"{tag}_universal"
     out = ckpt_dir / out_tag
+    if verify:
+        log.info("%s", manifest.require_intact(src))
     info = describe(src)
     if info["universal"]:
         raise ValueError(f"{src} is already a universal checkpoint")
