@@ -33,6 +33,11 @@ from pathlib import Path
 
 NODE_RANK_PLACEHOLDER = "{node_rank}"
 RESEND_S = 1.0  # node-run: how often a pending stop is sent (again) to the trainers
+# A failing rank writes RUN_DIR/launch/failure.json (mico_ds/train/failfast.py, FAILURE_FILE); the ranks
+# still running end themselves within a second, a stopped or hung one cannot: node-run kills what is
+# left of its node this long after the notice appeared.
+FAILURE_FILE = os.path.join("launch", "failure.json")
+FAILURE_GRACE_S = 10.0
 
 # ------------------------------------------------------------------ host lists
 
@@ -280,12 +285,28 @@ def node_run(cmd: list[str], new_session: bool = False) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     told: set[int] = set()  # trainers that got SIGUSR1 while their handler was installed
     logged: set[int] = set()
+    run_dir = run_dir_of(cmd)
+    failure = os.path.join(run_dir, FAILURE_FILE) if run_dir else None
+    started, failed_at = time.time(), None
     while True:
         try:
             rc = proc.wait(timeout=RESEND_S)
             break
         except subprocess.TimeoutExpired:
             pass
+        if failure is not None and failed_at is None and _newer_than(failure, started):
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at >= FAILURE_GRACE_S:
+            stuck = find_trainers(root=proc.pid)
+            workers = [d for p in stuck for d in descendants(p)]  # before their parents are gone
+            left = send(stuck, signal.SIGKILL)
+            send(workers, signal.SIGKILL)
+            if left:
+                _log(
+                    f"node {rank}: a rank failed ({_first_line(failure)}); killed the trainers still "
+                    f"running here {FAILURE_GRACE_S:.0f} s later (stopped or hung): {sorted(left)}"
+                )
+            failed_at = float("inf")  # once
         if stop:
             # A trainer still starting up ignores SIGUSR1 (inherited SIG_IGN) until it installs its
             # handler, and a trainer may not exist yet: those get it again at the next round. A trainer
@@ -298,6 +319,22 @@ def node_run(cmd: list[str], new_session: bool = False) -> int:
                 logged.update(pids)
             told.update(ready & set(pids))
     return 128 - rc if rc < 0 else rc
+
+
+def _newer_than(path: str, t: float) -> bool:
+    """``path`` exists and was written after ``t`` (a notice of an earlier launch is history)."""
+    try:
+        return os.stat(path).st_mtime >= t - 1.0
+    except OSError:
+        return False
+
+
+def _first_line(path: str | None) -> str:
+    try:
+        rec = json.loads(Path(path).read_text()) if path else {}
+        return f"rank {rec['rank']} on {rec['host']}: {rec['error']}"
+    except (OSError, ValueError, KeyError):
+        return "see the log"
 
 
 # ------------------------------------------------------------------ CLI

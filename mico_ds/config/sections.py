@@ -343,11 +343,35 @@ class TrainConfig(Section):
         0.0, "Wall-clock budget: save and exit cleanly after this many minutes (0: none)."
     )
     deterministic: bool = _f(False, "Deterministic algorithms (for golden-loss tests).")
-    dist_timeout_s: float = _f(600.0, "Process-group timeout: a dead rank ends the job within this time.")
+    dist_timeout_s: float = _f(
+        600.0, "Process-group timeout: a stopped or hung rank ends the job within this time."
+    )
+    max_bad_steps: int = _f(
+        3,
+        "Skipped steps in a row (a non-finite loss or gradient on any rank; each is skipped without "
+        "an update) that make the run roll back to its newest checkpoint (0: never roll back).",
+    )
+    spike_sigmas: float = _f(
+        0.0,
+        "Loss-spike rule: roll back when a step's loss exceeds the trailing mean by this many standard "
+        "deviations (at least 1% of the mean) over train.spike_window steps (0: off).",
+    )
+    spike_window: int = _f(100, "Steps the spike rule averages over; it is armed once they are seen.")
+    max_rollbacks: int = _f(
+        3, "Rollbacks (bad steps or spikes) after which the run stops with an error instead."
+    )
     progress: bool = _f(True, "Progress bar on rank 0.")
     record_keys: bool = _f(
         False, "Debug: write the sample keys of every micro-batch to RUN_DIR/keys/rank{R}.jsonl."
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for k in ("max_bad_steps", "spike_sigmas", "max_rollbacks"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"train.{k} must be >= 0, got {getattr(self, k)}")
+        if self.spike_window < 1:
+            raise ValueError(f"train.spike_window must be >= 1, got {self.spike_window}")
 
 
 @dataclass

@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import yaml
 
 from mico_ds.config import help_text, list_recipes, load_config, parse_args_and_overrides, to_dict
 from mico_ds.distributed.launch import deepspeed_command, launched
+from mico_ds.train import failfast
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -105,9 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         code = trainer.fit()
     except Exception as e:
         trainer.report_failure(e)  # names this rank and any peer it sees dead, before the traceback
-        raise
-    finally:
+        if trainer.world > 1:
+            # Leave now: a normal exit can hang joining data workers, and while this process lives its
+            # peers wait for it in their collectives (train/failfast.py).
+            traceback.print_exc()
+            failfast.exit_now(1)
         trainer.close()
+        raise
+    trainer.close()
     # A process that exits with its process group alive can abort in Gloo's worker-thread teardown
     # ("terminate called without an active exception", pytorch/pytorch#190489); on a clean exit,
     # shut it down first. After a failure it is left alone: the exit code already says what happened.

@@ -22,12 +22,16 @@ import os
 import signal
 import socket
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from mico_ds import distributed as mdist
+from mico_ds.train.failfast import HEARTBEAT_S, STALE_S, FailureNotice, Heartbeats, describe_notice
 
 log = logging.getLogger("mico_ds")
+NOTICE_POLL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -99,22 +103,38 @@ def peer_status(p: RankInfo) -> str | None:
 
 
 class PeerWatch:
-    """Logs, once per rank, a peer on this host that died while training runs.
+    """Watches the other ranks while training runs, from a daemon thread.
 
-    A peer must be seen gone in two consecutive polls: at the end of a run the ranks exit at slightly
-    different times, and the loop stops the watch right after its last collective.
+    * A peer on this host that died or was stopped is logged once (seen so in two consecutive polls:
+      at the end of a run the ranks exit at slightly different times, and the loop stops the watch
+      right after its last collective).
+    * With ``notice``: when another rank posts its failure (train/failfast.py), the first error is
+      logged and ``on_peer_failure`` runs (the trainer ends this process: the job is lost anyway, and
+      a collective waiting for the failed rank would otherwise wait until the timeout).
+    * With ``beats``: this rank's heartbeat and step (``self.step``) are written every few seconds.
     """
 
-    def __init__(self, table: list[RankInfo], rank: int, interval_s: float = 0.25) -> None:
+    def __init__(
+        self,
+        table: list[RankInfo],
+        rank: int,
+        interval_s: float = 0.25,
+        notice: FailureNotice | None = None,
+        beats: Heartbeats | None = None,
+        on_peer_failure: Callable[[dict], None] | None = None,
+    ) -> None:
         me = table[rank]
+        self.rank = rank
         self.peers = [p for p in table if p.rank != rank and p.where == me.where]
         self.interval_s = interval_s
+        self.notice, self.beats, self.on_peer_failure = notice, beats, on_peer_failure
+        self.step = 0
         self.reported: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mico-peer-watch", daemon=True)
 
     def start(self) -> PeerWatch:
-        if self.peers:
+        if self.peers or self.notice is not None or self.beats is not None:
             self._thread.start()
         return self
 
@@ -123,7 +143,23 @@ class PeerWatch:
 
     def _run(self) -> None:
         seen: dict[int, str] = {}
+        last_beat = last_notice = 0.0
+        step_seen, step_since = self.step, time.monotonic()
         while not self._stop.wait(self.interval_s):
+            now = time.monotonic()
+            if self.step != step_seen:
+                step_seen, step_since = self.step, now
+            if self.beats is not None and now - last_beat >= HEARTBEAT_S:
+                self.beats.beat(self.rank, self.step, now - step_since)
+                last_beat = now
+            if self.notice is not None and time.monotonic() - last_notice >= NOTICE_POLL_S:
+                last_notice = time.monotonic()  # a stat on a shared filesystem: once a second
+                rec = self.notice.read()
+                if rec is not None and rec.get("rank") != self.rank and not self._stop.is_set():
+                    log.error("ending rank %d: %s", self.rank, describe_notice(rec))
+                    if self.on_peer_failure is not None:
+                        self.on_peer_failure(rec)
+                    return
             for p in self.peers:
                 if self.reported.get(p.rank, "").startswith("died"):
                     continue
@@ -140,16 +176,31 @@ class PeerWatch:
                     seen[p.rank] = st
 
 
-def failure_report(table: list[RankInfo], rank: int, step: int, exc: BaseException) -> str:
-    """The lines a rank logs when training raised: who, where, what, and the peers it can check."""
+def failure_report(
+    table: list[RankInfo],
+    rank: int,
+    step: int,
+    exc: BaseException,
+    notice: FailureNotice | None = None,
+    beats: Heartbeats | None = None,
+) -> str:
+    """The lines a rank logs when training raised: who, where, what; the first failure of the job when
+    another rank's came first; the peers it can check on this host; and, from the heartbeats, every
+    rank on any host that has gone silent or lags behind (stopped or hung)."""
     me = table[rank] if 0 <= rank < len(table) else this_rank(rank)
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    msg = error_line(exc)
     lines = [f"{describe(me)} failed in step {step + 1}: {type(exc).__name__}: {msg}"]
+    if notice is not None and not notice.post(rank, step, f"{type(exc).__name__}: {msg}"):
+        first = notice.read()
+        if first is not None and first.get("rank") != rank:
+            lines.append(f"  the first failure: {describe_notice(first)}")
     local = [p for p in table if p.rank != rank and p.where == me.where]
     gone = [(p, st) for p in local if (st := peer_status(p)) is not None]
     lines += [f"  {describe(p)} {st}" for p, st in gone]
     if local and not gone:
         lines.append(f"  the {len(local)} other rank(s) on this host are running")
+    if beats is not None:
+        lines += silent_ranks(table, rank, beats.read(len(table)), {p.rank for p, _ in gone})
     remote = [p for p in table if p.where != me.where]
     if remote:
         hosts = sorted({p.host for p in remote})
@@ -158,3 +209,37 @@ def failure_report(table: list[RankInfo], rank: int, step: int, exc: BaseExcepti
             f"{', ...' if len(hosts) > 8 else ''}) cannot be checked from here: see their logs"
         )
     return "\n".join(lines)
+
+
+def error_line(exc: BaseException) -> str:
+    """The first line of an error; for one re-raised from a data worker, with the worker's own last
+    line ("Caught OSError in DataLoader worker process 0. ... OSError: <what the decoder said>")."""
+    text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not text:
+        return ""
+    if len(text) > 1 and "Original Traceback" in str(exc):
+        return f"{text[0]} ... {text[-1]}"
+    return text[0]
+
+
+def silent_ranks(
+    table: list[RankInfo], rank: int, beats: dict[int, tuple[float, int, float]], known: set[int]
+) -> list[str]:
+    """Report lines for the ranks whose heartbeat is stale (stopped, or gone) or whose heartbeat is
+    fresh but whose step has not moved for long (its training thread is stuck)."""
+    out = []
+    for p in table:
+        if p.rank == rank or p.rank in known or p.rank not in beats:
+            continue
+        age, at, in_step = beats[p.rank]
+        if age > STALE_S:
+            out.append(
+                f"  {describe(p)}: no heartbeat for {age:.0f} s (last in step {at + 1}): stopped, hung "
+                f"or its host is gone"
+            )
+        elif in_step > STALE_S:
+            out.append(
+                f"  {describe(p)} is alive but has been in step {at + 1} for {in_step:.0f} s: stuck in "
+                f"a system call, a read or a kernel?"
+            )
+    return out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import random
 import sys
 import time
@@ -22,7 +24,7 @@ from mico_ds.data.read.mixture import build_train_loader
 from mico_ds.distributed.ds_config import zero_stage
 from mico_ds.distributed.engine import build_engine, init_distributed
 from mico_ds.train import data as tdata
-from mico_ds.train import health
+from mico_ds.train import failfast, guard, health
 from mico_ds.train.metrics import KeyLog, MetricsWriter, Throughput, train_flops_per_sample
 from mico_ds.train.signals import PREEMPTED_EXIT_CODE, StopFlag, shield_children
 
@@ -46,8 +48,16 @@ class Trainer:
         self.rank, self.world = mdist.get_rank(), mdist.get_world_size()
         cfg.data.resolve_batch_sizes(self.world, cfg.optim.grad_accum)
         self.ranks = health.rank_table()
-        self.watch = health.PeerWatch(self.ranks, self.rank).start()
         self.run_dir = Path(mdist.broadcast_object(str(run_dir)))
+        launch_id = mdist.broadcast_object(f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+        self.notice = failfast.FailureNotice(self.run_dir, launch_id)
+        self.beats = failfast.Heartbeats(self.run_dir, launch_id)
+        if self.rank == 0:
+            self.notice.clear_stale()
+        self.watch = health.PeerWatch(
+            self.ranks, self.rank, notice=self.notice, beats=self.beats,
+            on_peer_failure=lambda rec: failfast.exit_now(1),
+        ).start()  # fmt: skip
         if resume is None and read_latest(self.run_dir / CHECKPOINTS) is not None:
             raise ValueError(
                 f"{self.run_dir} already holds checkpoints: pass --resume latest to continue it, "
@@ -71,10 +81,16 @@ class Trainer:
         )
         self.stop = StopFlag(cfg.train.max_minutes)
         self.writer = MetricsWriter(self.run_dir, enabled=self.rank == 0)
+        self.zero_stage = zero_stage(self.ds_config)
+        t = cfg.train
+        self.guard = guard.StepGuard(t.max_bad_steps, t.spike_sigmas, t.spike_window)
+        self.skips = guard.DataSkips(self.run_dir)
+        self.step_keys: list[list[str]] = []
         if resume is not None:
             resumed = self.checkpoints.load(resume, to_dict(cfg), allow_config_change)
             self.step, self.history = resumed.step, resumed.history
             self.writer.rewind(self.step)  # a run killed after its checkpoint logged steps it now redoes
+            self.skip_data(self.skips.after(self.step, self.world))
         elif self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -98,25 +114,56 @@ class Trainer:
         return e > 0 and self.step % e == 0 and self.step < self.cfg.train.max_steps
 
     # ------------------------------------------------------------------ the step
-    def train_step(self) -> tuple[dict[str, torch.Tensor], int]:
-        """One optimizer step over ``optim.grad_accum`` micro-batches; returns detached terms."""
+    def train_step(self) -> tuple[dict[str, torch.Tensor], int, bool]:
+        """One optimizer step over ``optim.grad_accum`` micro-batches.
+
+        Returns the detached terms, the samples this rank used, and whether the optimizer updated the
+        weights (False: a loss term or the gradient was not finite on some rank; see train/guard.py).
+        """
         sums: dict[str, torch.Tensor] = {}
         n = 0
+        bad = False
+        if "raise" in guard.injected_faults(self.step + 1, self.rank):
+            raise RuntimeError(f"MICO_TEST_FAULT: rank {self.rank} raises in step {self.step + 1}")
         for micro in range(self.cfg.optim.grad_accum):
+            # Faults in the data belong to a batch, not a step: a rollback skips them.
+            faults = guard.injected_faults(self.data.step // self.cfg.optim.grad_accum + 1, self.rank)
             # Data workers may be forked here: keep SIGTERM/SIGUSR1 from them, and their seed draw from
             # the trainer's RNG (a resume forks them at another step).
             with shield_children(), rng_preserved():
                 raw = next(self.data)
             if self.keys is not None:
                 self.keys.write(self.step + 1, micro, raw)
+            self.step_keys.append(list(raw["keys"]))
             batch = to_device(raw, self.device, self.bf16)
+            if "nan" in faults:
+                guard.poison_inputs(batch)
             losses, report = self.engine(batch, step=self.step, micro=micro)
-            self.engine.backward(losses["loss"])
+            if "spike" in faults:
+                losses = {**losses, "loss": losses["loss"] * 100.0}
+            micro_bad = self.guard.check_micro(losses)
+            bad = bad or micro_bad
+            # A NaN backward makes every gradient of the step NaN: the optimizer then skips the step.
+            self.engine.backward(losses["loss"] * math.nan if micro_bad else losses["loss"])
+            if self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+                bad = self._drop_nonfinite_grads(bad)
             self.engine.step()
             for k, v in {**losses, **report}.items():
                 sums[k] = sums.get(k, 0) + v.detach().float()
             n += len(batch["keys"])
-        return {k: v / self.cfg.optim.grad_accum for k, v in sums.items()}, n
+        applied = self.engine.was_step_applied() and not bad
+        return {k: v / self.cfg.optim.grad_accum for k, v in sums.items()}, n, applied
+
+    def _drop_nonfinite_grads(self, bad: bool) -> bool:
+        """ZeRO-0: a plain torch optimizer would apply a NaN step; with no gradients it applies none.
+
+        The gradients are already averaged over ranks here, so every rank decides alike."""
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        bad = bad or not all(bool(torch.isfinite(p.grad).all()) for p in params)
+        if bad:
+            for p in params:
+                p.grad = None
+        return bad
 
     def fit(self) -> int:
         """Train to ``train.max_steps``; returns the process exit code."""
@@ -135,8 +182,19 @@ class Trainer:
                 file=sys.stdout,
             )
         while self.step < cfg.train.max_steps:
-            terms, n = self.train_step()
+            self.step_keys = []
+            terms, n, applied = self.train_step()
             self.step += 1
+            self.watch.step = self.step
+            verdict = self.guard.after_step(self.step, applied)
+            if not applied:
+                self.log_skipped_step(terms)
+            if verdict.rollback:
+                self.rollback(verdict.reason)
+                if pbar is not None:
+                    pbar.n = self.step
+                    pbar.refresh()
+                continue
             tput.add(n * self.world)
             if pbar is not None:
                 pbar.update(1)
@@ -145,6 +203,7 @@ class Trainer:
                 rec = {k: mdist.dist_mean(v).item() for k, v in sorted(terms.items())}
                 rec.update(step=self.step, lr=self.engine.get_lr()[0], samples_per_s=tput.rate())
                 rec.update({f"skipped/{k}": v for k, v in self.data.skip_counts().items()})
+                rec.update(self.guard.counters())
                 if torch.cuda.is_available():
                     flops_ps = flops_ps or self.flops_per_sample()
                     rec["tflops_per_gpu"] = rec["samples_per_s"] / self.world * flops_ps / 1e12
@@ -153,7 +212,7 @@ class Trainer:
                 self.writer.write(rec)
             if self.should_eval():
                 self.evaluate()
-            if mdist.any_rank(self.stop.local()):
+            if mdist.any_rank(self.stop.local(), device=self.device):
                 # Every rank agreed at this step boundary: save and ask the launcher to requeue.
                 reason = self.stop.reason or "another rank"
                 path = self.save()
@@ -172,6 +231,58 @@ class Trainer:
         self.watch.stop()
         self.write_summary(final, path)
         return 0
+
+    # ------------------------------------------------------------------ faults (train/guard.py)
+    def log_skipped_step(self, terms: dict[str, torch.Tensor]) -> None:
+        """A step without an update: its loss terms and every rank's sample keys go to metrics.jsonl."""
+        keys = mdist.all_gather_object(self.step_keys)
+        vals = {k: float(mdist.dist_mean(v)) for k, v in sorted(terms.items()) if k.endswith("loss")}
+        if self.rank == 0:
+            log.warning(
+                "step %d skipped: not finite on some rank (%s); %d in a row, %d in all",
+                self.step, ", ".join(f"{k}={v:.4g}" for k, v in vals.items()),
+                self.guard.in_a_row, self.guard.skipped,
+            )  # fmt: skip
+            rec = {"step": self.step, "event": "skipped_step", "terms": vals, "keys": keys}
+            self.writer.write({**rec, **self.guard.counters()})
+
+    def rollback(self, reason: str) -> None:
+        """Reload the newest checkpoint and skip the data consumed since it (recorded for resumes)."""
+        bad_step, latest = self.step, self.checkpoints.latest()
+        if latest is None:
+            raise RuntimeError(f"step {bad_step}: {reason}, and there is no checkpoint to roll back to")
+        if self.guard.rollbacks >= self.cfg.train.max_rollbacks:
+            raise RuntimeError(
+                f"step {bad_step}: {reason}, after {self.guard.rollbacks} rollback(s) already "
+                f"(train.max_rollbacks={self.cfg.train.max_rollbacks}): stopping"
+            )
+        consumed = self.data.step
+        resumed = self.checkpoints.load("latest", to_dict(self.cfg), False)
+        window = consumed - self.data.step
+        self.skips.record(resumed.step, window, rolled_back_from=bad_step, reason=reason)
+        self.skip_data(window)
+        self.step, self.history = resumed.step, resumed.history
+        self.guard.rolled_back(self.step)
+        self.writer.rewind(self.step, keep_events=True)
+        if self.keys is not None:
+            self.keys = KeyLog(self.run_dir, self.rank, self.step)
+        if self.rank == 0:
+            log.warning(
+                "rolled back from step %d to checkpoint step %d (%s); skipping the %d micro-batch(es) "
+                "per rank read since it", bad_step, self.step, reason, window,
+            )  # fmt: skip
+            self.writer.write({
+                "step": self.step, "event": "rollback", "from_step": bad_step, "reason": reason,
+                "skipped_micro_batches": window, **self.guard.counters(),
+            })  # fmt: skip
+
+    def skip_data(self, micro_batches: int) -> None:
+        """Read and drop ``micro_batches`` batches: after a rollback, the window that caused it."""
+        if micro_batches and self.rank == 0:
+            log.info("data: skipping %d micro-batch(es) per rank (%s)", micro_batches, self.skips.path)
+        for _ in range(micro_batches):
+            with shield_children(), rng_preserved():
+                next(self.data)
 
     def flops_per_sample(self) -> float:
         mods = self.cfg.data.corpora[0].modalities
@@ -206,7 +317,7 @@ class Trainer:
         terms = sorted({k for r in train_recs for k in r if k == "loss" or k.endswith("_loss")})
 
         def avg(recs: list[dict[str, Any]], k: str) -> float:
-            vals = [r[k] for r in recs if k in r]
+            vals = [r[k] for r in recs if k in r and math.isfinite(r[k])]  # a skipped step logs NaN
             return float(np.mean(vals)) if vals else float("nan")
 
         head, tail = train_recs[:3], train_recs[-3:]
@@ -214,7 +325,7 @@ class Trainer:
             "recipe": self.cfg.name,
             "steps": self.step,
             "world_size": self.world,
-            "zero_stage": zero_stage(self.ds_config),
+            "zero_stage": self.zero_stage,
             "first": {k: avg(head, k) for k in terms},
             "last": {k: avg(tail, k) for k in terms},
             "samples_per_s": avg(train_recs[1:], "samples_per_s"),
@@ -226,8 +337,9 @@ class Trainer:
         print(format_summary(summary), flush=True)
 
     def report_failure(self, exc: BaseException) -> None:
-        """Log which rank failed where and what it sees of its peers (a dead one is named)."""
-        log.error("%s", health.failure_report(self.ranks, self.rank, self.step, exc))
+        """Log which rank failed where and what it sees of its peers (a dead or silent one is named),
+        and post the failure for the other ranks (train/failfast.py)."""
+        log.error("%s", health.failure_report(self.ranks, self.rank, self.step, exc, self.notice, self.beats))
 
     def close(self) -> None:
         self.watch.stop()

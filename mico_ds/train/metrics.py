@@ -15,16 +15,18 @@ from mico_ds.config import RunConfig
 log = logging.getLogger("mico_ds")
 
 
-def drop_records_after(path: Path, step: int) -> int:
+def drop_records_after(path: Path, step: int, keep_events: bool = False) -> int:
     """Rewrite a JSON-lines file without the records whose ``step`` is above ``step``; returns how many
-    were dropped. A run killed after its last checkpoint logged steps that its resume runs again."""
+    were dropped. A run killed after its last checkpoint logged steps that its resume runs again.
+    With ``keep_events``, records with an ``event`` (a rollback keeps what it rolled back over) stay."""
     if not path.exists():
         return 0
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     keep = []
     for line in lines:
         try:
-            over = int(json.loads(line).get("step", 0)) > step
+            rec = json.loads(line)
+            over = int(rec.get("step", 0)) > step and not (keep_events and "event" in rec)
         except (ValueError, AttributeError):
             over = True  # a line cut short by the kill
         if not over:
@@ -60,11 +62,11 @@ class MetricsWriter:
         except ImportError:  # tensorboard is a requirement, but logging must never stop a run
             return None
 
-    def rewind(self, step: int) -> None:
+    def rewind(self, step: int, keep_events: bool = False) -> None:
         """On resume from ``step``: forget what was logged after it (metrics.jsonl and TensorBoard)."""
         if not self.enabled:
             return
-        n = drop_records_after(self.path, step)
+        n = drop_records_after(self.path, step, keep_events)
         if n:
             log.warning("%s: dropped %d record(s) of steps after checkpoint step %d", self.path, n, step)
             if self.tb is not None:

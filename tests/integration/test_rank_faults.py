@@ -1,0 +1,128 @@
+"""A rank that fails or freezes ends the whole job, fast, named, with nothing left running.
+
+Real 2-rank CPU jobs (gloo, ZeRO-3) under the `deepspeed` launcher, on one "node" and on two (two
+launchers through ``launch/hostfile.py node-run``, as launch/slurm_pretrain.sh starts them):
+
+* a rank that raises in step 3 ends every rank of both nodes within seconds, although the other rank
+  waits for it inside a collective and ``train.dist_timeout_s`` is 600 s; every log names the first
+  error and its rank (mico_ds/train/failfast.py);
+* a rank stopped with SIGSTOP (alive, but it will never answer) ends the job within
+  ``train.dist_timeout_s`` plus a bounded margin, on one node and on two, and the log names it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.train import data_overrides, train_cmd
+from tests.integration.test_resilience import (
+    _JOBS,
+    Job,
+    hostfile,
+    logged_step,
+    start_two_nodes,
+    trainers,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+TIMEOUT_S = 15  # train.dist_timeout_s of the frozen-rank runs
+# After a failure: the notice is polled once a second, the launchers poll their ranks once a second.
+FAST_S = 30
+# After a freeze: the timeout, then the DeepSpeed launcher's 30 s SIGTERM grace (a stopped process
+# keeps SIGTERM pending) or node-run's 10 s grace, plus the load of 2 busy cores.
+FROZEN_S = TIMEOUT_S + 75
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_jobs():
+    yield
+    while _JOBS:
+        job = _JOBS.pop()
+        if job.proc.poll() is None:
+            job.kill_group()
+            job.proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("rank_faults_data")
+
+
+def args(data_root: Path, timeout_s: float) -> list[str]:
+    return [*data_overrides(data_root), "--train.max_steps=1000", "--train.save_every=0",
+            "--data.num_workers=2", f"--train.dist_timeout_s={timeout_s}", "--train.progress=false",
+            "--train.log_every=1", "--eval.tasks=[]"]  # fmt: skip
+
+
+def no_process_left(run: Path) -> None:
+    left = hostfile.find_trainers(run_dir=str(run), wrappers=True)
+    left += [d for p in left for d in hostfile.descendants(p)]
+    assert not left, f"processes of {run} still running: {left}"
+
+
+def freeze_rank_1(run: Path, jobs: list[Job]) -> tuple[int, float]:
+    wait_for("step 2", logged_step(run, 2), jobs)
+    pid = trainers(run)[1]
+    os.kill(pid, signal.SIGSTOP)
+    return pid, time.monotonic()
+
+
+def test_a_failing_rank_ends_both_nodes_in_seconds(data_root: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    jobs = start_two_nodes(run, tmp_path, "fails", *args(data_root, 600),
+                           extra_env={"MICO_TEST_FAULT": "3:1:raise"})  # fmt: skip
+    notice = run / "launch" / "failure.json"
+    wait_for("rank 1's failure notice", notice.exists, jobs)
+    t0 = time.monotonic()
+    rcs = [j.wait(FAST_S + 30) for j in jobs]
+    took = time.monotonic() - t0
+    out0, out1 = (j.output() for j in jobs)
+    assert all(rc != 0 for rc in rcs), (rcs, out0[-4000:])
+    assert took < FAST_S, f"the job took {took:.0f} s to end after the failure:\n{out0[-4000:]}"
+    first = "failed in step 3: RuntimeError: MICO_TEST_FAULT: rank 1 raises in step 3"
+    assert "rank 1 (pid " in out1 and first in out1, out1[-4000:]
+    # rank 0 was waiting for rank 1 in a collective: it names the first error, not only its own symptom
+    # (its watch ends it on the notice, or the collective fails first when rank 1's sockets close)
+    named = ("ending rank 0: rank 1 (pid ", "the first failure: rank 1 (pid ")
+    assert any(n in out0 for n in named) and first in out0, out0[-4000:]
+    no_process_left(run)
+
+
+def test_a_stopped_rank_ends_the_job_and_is_named(data_root: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    job = Job(train_cmd(run, *args(data_root, TIMEOUT_S)), tmp_path / "log")
+    pid, t0 = freeze_rank_1(run, [job])
+    rc = job.wait(FROZEN_S + 60)
+    took = time.monotonic() - t0
+    out = job.output()
+    assert rc != 0, out[-4000:]
+    assert took < FROZEN_S, f"{took:.0f} s:\n{out[-4000:]}"
+    stopped = f"rank 1 (pid {pid} on {os.uname().nodename}) is stopped"
+    assert stopped in out, out[-6000:]
+    assert "rank 0 (pid" in out and "failed in step" in out and "Timed out" in out, out[-6000:]
+    no_process_left(run)
+
+
+def test_a_stopped_rank_on_another_node_ends_both_nodes(data_root: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    jobs = start_two_nodes(run, tmp_path, "frozen", *args(data_root, TIMEOUT_S))
+    pid, t0 = freeze_rank_1(run, jobs)  # node 1's only rank: nothing on node 1 can answer
+    rcs = [j.wait(FROZEN_S + 60) for j in jobs]
+    took = time.monotonic() - t0
+    out0, out1 = (j.output() for j in jobs)
+    assert all(rc != 0 for rc in rcs), (rcs, out0[-4000:])
+    assert took < FROZEN_S, f"{took:.0f} s:\n{out0[-4000:]}\n{out1[-4000:]}"
+    assert f"rank 1 (pid {pid} on " in out0 and "is stopped" in out0, out0[-6000:]
+    # node 1's wrapper saw rank 0's failure notice and ended its frozen rank
+    assert "a rank failed (rank 0 on " in out1 and "killed the trainers still running here" in out1, out1[
+        -4000:
+    ]
+    assert str(pid) in out1.split("killed the trainers still running here")[1].splitlines()[0]
+    no_process_left(run)
