@@ -136,6 +136,39 @@ class CorpusConfig(Section):
 
 
 @dataclass
+class DecodeLimits(Section):
+    """Caps checked on a member's size or header before it is decoded; a sample past one is a counted
+    skip (the reason in brackets), not a worker's memory blow-up. 0 disables a cap. The defaults are
+    far above what training media hold."""
+
+    member_bytes: int = _f(
+        256 << 20, "Largest member a sample may use, in bytes; larger ones are not read (too_large_member)."
+    )
+    image_pixels: int = _f(
+        89_478_485,
+        "Largest image / depth / normal map / frame image, in pixels from its header (too_many_pixels); "
+        "the default is Pillow's Image.MAX_IMAGE_PIXELS, and Pillow refuses twice that in any case.",
+    )
+    video_frames: int = _f(
+        54_000, "Most frames of a video (header, else as decoded; 30 min at 30 fps) (too_many_frames)."
+    )
+    video_pixels: int = _f(
+        8192 * 4320, "Largest video frame, width x height in pixels (8K UHD) (too_large_frames)."
+    )
+    audio_seconds: float = _f(
+        3600.0, "Longest audio member, in seconds (header, else counted while decoding) (too_long_audio)."
+    )
+    json_bytes: int = _f(1 << 20, "Largest caption member (json, txt), in bytes (too_large_json).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v < 0:
+                raise ValueError(f"data.limits.{f.name} must be >= 0 (0: no cap), got {v}")
+
+
+@dataclass
 class DataConfig(Section):
     """Shard streams, mixing and data-loader workers."""
 
@@ -152,6 +185,7 @@ class DataConfig(Section):
     shards_per_chunk: int = _f(4, "Shards a worker interleaves at once; resume replays at most one chunk.")
     max_skip_rate: float = _f(0.05, "Fraction of unreadable samples above which the run stops with an error.")
     min_samples_for_skip_rate: int = _f(200, "Samples seen before the skip-rate bound is enforced.")
+    limits: DecodeLimits = _section(DecodeLimits, "Caps applied before members are decoded (skip reasons).")
 
     def __post_init__(self) -> None:
         super().__post_init__()

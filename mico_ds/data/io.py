@@ -28,6 +28,7 @@ MODALITY_EXTS: dict[str, tuple[str, ...]] = {
     "normal": schema.NORMAL_EXTS,
 }
 FRAMES = "frames"  # find_member's name for pre-extracted video frames (frame0.jpg, frame1.jpg, ...)
+OVERSIZED = "__oversized__"  # {ext: size} of the members iter_tar left unread (over max_member_bytes)
 
 
 # ----------------------------------------------------------------------------- URLs
@@ -154,8 +155,11 @@ def _error(reason: str, url: str, detail: str) -> dict:
     return {"__error__": reason, "__key__": os.path.basename(url), "__url__": url, "__detail__": detail}
 
 
-def iter_tar(url: str) -> Iterator[dict]:
+def iter_tar(url: str, max_member_bytes: int = 0) -> Iterator[dict]:
     """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one tar, in file order.
+
+    A member larger than ``max_member_bytes`` (0: no cap) is not read: the sample lists it under
+    :data:`OVERSIZED` (``{ext: size}``) instead, for the decoder to skip the sample if it needs it.
 
     Never raises for bad data: an unreadable shard, a truncated tar or a failing ``pipe:`` command
     yields an error marker ``{"__error__": "shard_error" | "truncated_tar", ...}`` after the samples
@@ -192,6 +196,9 @@ def iter_tar(url: str) -> Iterator[dict]:
                     cur = None
                 if cur is None:
                     cur = {"__key__": key, "__url__": url}
+                if max_member_bytes and ti.size > max_member_bytes:
+                    cur.setdefault(OVERSIZED, {})[ext] = ti.size  # tarfile passes over its data, unkept
+                    continue
                 data = tf.extractfile(ti).read()
                 if len(data) != ti.size:
                     raise tarfile.ReadError(f"member {ti.name} truncated ({len(data)} of {ti.size} bytes)")

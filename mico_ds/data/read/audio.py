@@ -5,6 +5,9 @@ audio   (N, 1, F, Tm)    soundfile (flac/wav) or PyAV (mp3 & co), mono, resample
                          filterbank (kaldi-native-fbank, the torchaudio.compliance.kaldi.fbank
                          settings of MiCo/VAST/AST), normalized (fbank - mean) / (2 std), cut into
                          N clips of Tm frames
+
+``data.limits.audio_seconds`` is checked on the header (soundfile's, the container's) and again on
+the samples as they are read, so a member's memory stays bounded whatever its header claims.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import math
 import numpy as np
 import torch
 
-from mico_ds.config import InputConfig
+from mico_ds.config import DecodeLimits, InputConfig
+from mico_ds.data.read import limits as L
 from mico_ds.data.read.skips import SkipSample
 
 # Kaldi frame geometry used by MiCo's audio processor (torchaudio.compliance.kaldi.fbank defaults).
@@ -24,52 +28,138 @@ FRAME_SHIFT_MS = 10.0
 # One int16 LSB on a [-1, 1] waveform: Kaldi's default dither (1.0 on int16 samples), applied only in
 # training, from the per-sample generator (kaldi-native-fbank's own dither RNG is not seedable).
 TRAIN_DITHER = 1.0 / 32768.0
+DITHER_BLOCK = 1 << 16
+RESAMPLE_BLOCK = 1 << 16  # input samples per resampler frame
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 1_536_000  # outside: no recording format (8 x 192 kHz)
+# soundfile reads in blocks of about this many samples (all channels), mixed to mono block by block.
+READ_BLOCK_SAMPLES = 1 << 18
+# libsndfile's "length unknown" (SF_COUNT_MAX, e.g. a FLAC written to a pipe): PyAV decodes those.
+UNKNOWN_FRAMES = 1 << 62
 
 
 # ----------------------------------------------------------------------------- audio
+
+
+class MonoStream:
+    """Mono float32 blocks at ``rate`` -> one waveform at ``target``, resampled block by block with
+    PyAV's AudioResampler (libswresample): bit for bit the output of one call on the whole waveform,
+    without ever holding the waveform at the source rate."""
+
+    def __init__(self, rate: int, target: int) -> None:
+        check_rate(rate)
+        self.rate, self.parts, self.samples = rate, [], 0
+        self.rs = None
+        if rate != target:
+            import av
+
+            self.rs = av.AudioResampler(format="flt", layout="mono", rate=target)
+
+    def _frames(self, frames: list) -> None:
+        for f in frames:
+            self.parts.append(f.to_ndarray()[0])
+            self.samples += len(self.parts[-1])
+
+    def add(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, dtype=np.float32)
+        if self.rs is None:
+            self.parts.append(block)
+            self.samples += len(block)
+            return
+        import av
+
+        frame = av.AudioFrame.from_ndarray(block[None], format="flt", layout="mono")
+        frame.sample_rate = self.rate
+        self._frames(self.rs.resample(frame))
+
+    def finish(self) -> np.ndarray:
+        if self.rs is not None:
+            self._frames(self.rs.resample(None))  # flush the filter's delay line
+        return np.concatenate(self.parts) if self.parts else np.zeros(0, np.float32)
 
 
 def resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
     """Mono float32 waveform at ``rate`` -> ``target`` Hz with PyAV's AudioResampler (libswresample)."""
     if rate == target:
         return wave
+    out = MonoStream(rate, target)
+    for i in range(0, len(wave), RESAMPLE_BLOCK):
+        out.add(wave[i : i + RESAMPLE_BLOCK])
+    return out.finish()
+
+
+def check_rate(rate: int) -> None:
+    """Refuse sample rates no recording has: libswresample's filter for a ratio of ~10^4 down takes
+    gigabytes (a WAV header claiming 250 MHz: 2 GB and seconds for 16,000 samples), and 1 Hz up to
+    16 kHz some 30 bytes per output sample."""
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise SkipSample("bad_audio", f"sample rate {rate} Hz outside [{MIN_SAMPLE_RATE}, {MAX_SAMPLE_RATE}]")
+
+
+def _read_soundfile(data: bytes, sample_rate: int, lim: DecodeLimits) -> np.ndarray | None:
+    """flac/wav through soundfile, mixed to mono and resampled block by block; None when its length
+    is unknown (PyAV reads those)."""
+    import soundfile as sf
+
+    with sf.SoundFile(io.BytesIO(data)) as f:
+        rate, frames, channels = int(f.samplerate), int(f.frames), max(1, int(f.channels))
+        check_rate(rate)
+        if frames >= UNKNOWN_FRAMES:
+            return None
+        L.check("audio_seconds", frames / rate, lim, f"audio header: {frames} frames at {rate} Hz")
+        out = MonoStream(rate, sample_rate)
+        block, total = max(1, READ_BLOCK_SAMPLES // channels), 0
+        while total < frames:
+            b = f.read(min(block, frames - total), dtype="float32", always_2d=True)
+            if len(b) == 0:
+                break
+            total += len(b)
+            out.add(b.mean(axis=1))
+    return out.finish()
+
+
+def _read_av(data: bytes, sample_rate: int, lim: DecodeLimits) -> np.ndarray:
+    """Any container PyAV opens: its first audio stream, mono at ``sample_rate``."""
     import av
 
-    arr = np.ascontiguousarray(wave, dtype=np.float32)[None]  # (channels=1, samples), packed
-    frame = av.AudioFrame.from_ndarray(arr, format="flt", layout="mono")
-    frame.sample_rate = rate
-    rs = av.AudioResampler(format="flt", layout="mono", rate=target)
-    out = [f.to_ndarray()[0] for f in rs.resample(frame)]
-    out += [f.to_ndarray()[0] for f in rs.resample(None)]  # flush the filter's delay line
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+    with av.open(io.BytesIO(data), mode="r") as container:
+        if not container.streams.audio:
+            raise SkipSample("bad_audio", "no audio stream")
+        stream = container.streams.audio[0]
+        if stream.duration and stream.time_base:
+            L.check("audio_seconds", float(stream.duration * stream.time_base), lim, "audio stream duration")
+        elif container.duration:
+            L.check("audio_seconds", container.duration / 1e6, lim, "container duration")
+        cap = int(lim.audio_seconds * sample_rate) if lim.audio_seconds else 0
+        rs = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        chunks, total = [], 0
+        for frame in container.decode(stream):
+            check_rate(frame.sample_rate)
+            for f in rs.resample(frame):
+                chunks.append(f.to_ndarray()[0])
+                total += len(chunks[-1])
+            if cap and total > cap:  # the header said less (or nothing): the samples decide
+                cut = f"decoded past data.limits.audio_seconds={lim.audio_seconds}"
+                raise SkipSample(L.TOO_LONG_AUDIO, cut)
+        chunks += [f.to_ndarray()[0] for f in rs.resample(None)]
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
 
 
-def load_waveform(data: bytes, ext: str, sample_rate: int) -> np.ndarray:
-    """Encoded audio -> mono float32 in [-1, 1] at ``sample_rate`` (soundfile for flac/wav, else PyAV)."""
+def load_waveform(data: bytes, ext: str, sample_rate: int, limits: DecodeLimits | None = None) -> np.ndarray:
+    """Encoded audio -> mono float32 at ``sample_rate`` (soundfile for flac/wav, else PyAV)."""
     if not data:
         raise SkipSample("bad_audio", "empty member")
+    lim = L.resolve(limits)
     try:
-        if ext in ("flac", "wav"):
-            import soundfile as sf
-
-            wave, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-            return resample(wave.mean(axis=1), int(rate), sample_rate)
-        import av
-
-        with av.open(io.BytesIO(data), mode="r") as container:
-            if not container.streams.audio:
-                raise SkipSample("bad_audio", "no audio stream")
-            stream = container.streams.audio[0]
-            rs = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-            chunks = []
-            for frame in container.decode(stream):
-                chunks += [f.to_ndarray()[0] for f in rs.resample(frame)]
-            chunks += [f.to_ndarray()[0] for f in rs.resample(None)]
-        return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+        wave = _read_soundfile(data, sample_rate, lim) if ext in ("flac", "wav") else None
+        if wave is None:
+            wave = _read_av(data, sample_rate, lim)
     except SkipSample:
         raise
     except Exception as e:
         raise SkipSample("bad_audio", f"{type(e).__name__}: {e}") from None
+    if not np.isfinite(wave).all():  # a float WAV may hold NaN / inf: no filterbank of those
+        raise SkipSample("bad_audio", "non-finite samples (NaN or inf)")
+    return wave
 
 
 _FBANK_OPTS: dict[tuple[int, int, bool], object] = {}
@@ -130,11 +220,15 @@ def audio_clips(
     flen = int(sr * FRAME_LENGTH_MS / 1000)
     shift = int(sr * FRAME_SHIFT_MS / 1000)
     wave = np.asarray(wave, dtype=np.float32)
-    wave = wave - wave.mean() if wave.size else wave  # AST/VAST remove the waveform's DC first
+    with np.errstate(over="ignore", invalid="ignore"):  # samples near float32's range: NaN, refused below
+        wave = wave - wave.mean() if wave.size else wave  # AST/VAST remove the waveform's DC first
     if train:
         if rng is None:
             raise ValueError("training-mode decoding needs a per-sample generator (rng)")
-        wave = wave + (TRAIN_DITHER * rng.standard_normal(wave.shape)).astype(np.float32)
+        # In blocks: the same draws as one call, without a float64 array as long as the waveform.
+        for i in range(0, len(wave), DITHER_BLOCK):
+            block = wave[i : i + DITHER_BLOCK]
+            block += (TRAIN_DITHER * rng.standard_normal(len(block))).astype(np.float32)
     total = 1 + (len(wave) - flen) // shift if len(wave) >= flen else 0
     n_slices = max(n_clips, math.ceil(total / tm))
     groups = np.array_split(np.arange(n_slices), n_clips)
@@ -154,10 +248,18 @@ def audio_clips(
 
 
 def decode_audio(
-    data: bytes, ext: str, inputs: InputConfig, train: bool, rng: np.random.Generator | None = None
+    data: bytes,
+    ext: str,
+    inputs: InputConfig,
+    train: bool,
+    rng: np.random.Generator | None = None,
+    limits: DecodeLimits | None = None,
 ) -> torch.Tensor:
     """Encoded audio -> (N, 1, F, Tm) clips (see :func:`audio_clips`)."""
-    wave = load_waveform(data, ext, inputs.sample_rate)
+    wave = load_waveform(data, ext, inputs.sample_rate, limits)
     if wave.size == 0:
         raise SkipSample("bad_audio", "no samples")
-    return audio_clips(wave, inputs, train, rng)
+    try:
+        return audio_clips(wave, inputs, train, rng)
+    except Exception as e:  # kaldi-native-fbank refuses NaN energies (samples near float32's range)
+        raise SkipSample("bad_audio", f"filterbank: {type(e).__name__}: {e}") from None

@@ -5,6 +5,10 @@ declares, and its captions (docs/architecture.md, "Data contract").
 :class:`mico_ds.config.InputConfig`. Training randomness comes only from the
 ``numpy.random.Generator`` passed in, which the stream derives from (seed, epoch, stream position)
 so that a resumed run reproduces every crop, frame and caption choice.
+
+Bad data never stops a run (docs/architecture.md, "Data contract"): members past ``data.limits`` are
+refused before decoding (``mico_ds.data.read.limits``), and whatever else a decoder raises for one
+sample becomes the skip ``decode_error`` naming the member and the exception.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from mico_ds.config import InputConfig
+from mico_ds.config import DecodeLimits, InputConfig
 from mico_ds.data import schema
-from mico_ds.data.io import FRAMES, find_member, frame_members
+from mico_ds.data.io import FRAMES, OVERSIZED, find_member, frame_members
+from mico_ds.data.read import limits as L
 from mico_ds.data.read.audio import decode_audio
-from mico_ds.data.read.skips import SkipSample
+from mico_ds.data.read.skips import DECODE_ERROR, SkipSample
 from mico_ds.data.read.visual import (
     Crop,
     decode_depth,
@@ -34,10 +39,32 @@ from mico_ds.data.read.visual import (
 # ----------------------------------------------------------------------------- text
 
 
-def caption_fields(sample: Mapping[str, object], rng: np.random.Generator | None = None) -> dict[str, str]:
+def is_caption(v: object) -> bool:
+    """A usable caption: a non-blank string the tokenizer can take (UTF-8 encodable: JSON may hold lone
+    surrogates such as ``"\\ud800"``, which tokenizers refuse, for a whole batch)."""
+    if not isinstance(v, str) or not v.strip():
+        return False
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def caption_fields(
+    sample: Mapping[str, object],
+    rng: np.random.Generator | None = None,
+    limits: DecodeLimits | None = None,
+) -> dict[str, str]:
     """Captions by field (schema.CAPTION_FIELDS) from the ``json`` member, plus ``txt`` as the vision
     caption (img2dataset / OpenCLIP shards). A field holding a list of captions yields one of them:
-    random in training (``rng`` given), the first otherwise."""
+    random in training (``rng`` given), the first otherwise. Values that are not captions
+    (:func:`is_caption`) are ignored."""
+    lim = L.resolve(limits)
+    for ext in (schema.JSON_EXT, schema.TXT_EXT):
+        raw = sample.get(ext)
+        if raw is not None:
+            L.check("json_bytes", len(raw), lim, f"{ext} member of {len(raw)} bytes")
     out: dict[str, str] = {}
     raw = sample.get(schema.JSON_EXT)
     if raw is not None:
@@ -53,9 +80,9 @@ def caption_fields(sample: Mapping[str, object], rng: np.random.Generator | None
         for field in schema.CAPTION_FIELDS:
             v = caps.get(field)
             if isinstance(v, list):
-                v = [x for x in v if isinstance(x, str) and x.strip()]
+                v = [x for x in v if is_caption(x)]
                 v = (v[int(rng.integers(len(v)))] if rng is not None else v[0]) if v else None
-            if isinstance(v, str) and v.strip():
+            if is_caption(v):
                 out[field] = v.strip()
     txt = sample.get(schema.TXT_EXT)
     if txt is not None and "vision" not in out:
@@ -63,7 +90,7 @@ def caption_fields(sample: Mapping[str, object], rng: np.random.Generator | None
             t = txt.decode("utf-8").strip() if isinstance(txt, bytes) else str(txt).strip()
         except UnicodeDecodeError as e:
             raise SkipSample("bad_text", str(e)) from None
-        if t:
+        if is_caption(t):
             out["vision"] = t
     return out
 
@@ -80,12 +107,18 @@ class SampleDecoder:
     """Decode one raw sample into the tensors of ``modalities`` (see module docstring).
 
     Raises :class:`SkipSample` with a reason (``missing_modality``, ``bad_<modality>``, ``bad_json``,
-    ``missing_caption``) for samples that cannot be used. Extra members are ignored.
-    Spatial modalities share one crop, chosen on the image (else video, depth, normal) geometry.
+    ``missing_caption``, a cap's reason of ``mico_ds.data.read.limits``, ``decode_error``) for samples
+    that cannot be used. Extra members are ignored. Spatial modalities share one crop, chosen on the
+    image (else video, depth, normal) geometry. ``limits`` default to ``data.limits``' defaults.
     """
 
     def __init__(
-        self, modalities: Sequence[str], inputs: InputConfig, train: bool, require_caption: bool = True
+        self,
+        modalities: Sequence[str],
+        inputs: InputConfig,
+        train: bool,
+        require_caption: bool = True,
+        limits: DecodeLimits | None = None,
     ) -> None:
         bad = [m for m in modalities if m not in schema.MODALITIES]
         if bad:
@@ -95,38 +128,71 @@ class SampleDecoder:
         self.inputs = inputs
         self.train = train
         self.require_caption = require_caption
+        self.limits = L.resolve(limits)
+
+    def _check_sizes(self, sample: Mapping[str, object], used: list[str]) -> None:
+        """The member-size cap on every member the sample uses, those ``iter_tar`` left unread first."""
+        oversized: Mapping[str, int] = sample.get(OVERSIZED) or {}  # type: ignore[assignment]
+        for name in used:
+            if name in oversized:  # the reader's cap (the same data.limits in a run): never read
+                raise SkipSample(L.TOO_LARGE_MEMBER, f"member {name!r} of {oversized[name]} bytes, not read")
+            data = sample.get(name)
+            size = len(data) if isinstance(data, (bytes, bytearray, memoryview, str)) else 0
+            L.check("member_bytes", size, self.limits, f"member {name!r}")
 
     def __call__(self, sample: Mapping[str, object], rng: np.random.Generator | None = None) -> dict:
         """Raw sample -> {"key", <modality>: tensor (uint8 for image/video/normal), "fields": {...}}."""
+        names = [*sample, *(sample.get(OVERSIZED) or {})]  # type: ignore[misc]
         members = {}
         for m in self.modalities:
-            name = find_member(sample, m)
+            name = find_member(names, m)
             if name is None:
                 raise SkipSample("missing_modality", m)
             members[m] = name
-        fields = caption_fields(sample, rng if self.train else None)
+        used = [n for n in names if n in (schema.JSON_EXT, schema.TXT_EXT)]
+        for name in members.values():
+            used += frame_members(names) if name == FRAMES else [name]
+        self._check_sizes(sample, used)
+        try:
+            fields = caption_fields(sample, rng if self.train else None, self.limits)
+        except SkipSample:
+            raise
+        except Exception as e:
+            raise SkipSample(DECODE_ERROR, f"captions: {type(e).__name__}: {e}") from e
         if self.require_caption and not fields:
             raise SkipSample("missing_caption", "no json captions and no txt")
-        inp, train = self.inputs, self.train
         out: dict = {"key": str(sample.get("__key__", "")), "fields": fields}
         crop: Crop | None = None
         for m in self.modalities:
-            name = members[m]
-            if m == "image":
-                out[m], crop = decode_image(sample[name], inp, train, rng, crop, as_uint8=True)
-            elif m == "video":
-                if name == FRAMES:
-                    frames = [sample[k] for k in frame_members(sample)]
-                    out[m], crop = decode_frames(frames, inp, train, rng, crop, as_uint8=True)
-                else:
-                    out[m], crop = decode_video(sample[name], inp, train, rng, crop, as_uint8=True)
-            elif m == "audio":
-                out[m] = decode_audio(sample[name], name, inp, train, rng)
-            elif m == "depth":
-                out[m], crop = decode_depth(sample[name], name, inp, train, rng, crop)
-            elif m == "normal":
-                out[m], crop = decode_normal(sample[name], inp, train, rng, crop, as_uint8=True)
+            try:
+                out[m], crop = self._decode(m, members[m], sample, rng, crop)
+            except SkipSample:
+                raise
+            except Exception as e:  # a decoding library's surprise: this sample only, never the worker
+                raise SkipSample(DECODE_ERROR, f"{m} member {members[m]!r}: {type(e).__name__}: {e}") from e
         return out
+
+    def _decode(
+        self,
+        m: str,
+        name: str,
+        sample: Mapping[str, object],
+        rng: np.random.Generator | None,
+        crop: Crop | None,
+    ) -> tuple[torch.Tensor, Crop | None]:
+        inp, train, lim = self.inputs, self.train, self.limits
+        if m == "image":
+            return decode_image(sample[name], inp, train, rng, crop, as_uint8=True, limits=lim)
+        if m == "video":
+            if name == FRAMES:
+                frames = [sample[k] for k in frame_members(sample)]
+                return decode_frames(frames, inp, train, rng, crop, as_uint8=True, limits=lim)
+            return decode_video(sample[name], inp, train, rng, crop, as_uint8=True, limits=lim)
+        if m == "audio":
+            return decode_audio(sample[name], name, inp, train, rng, limits=lim), crop
+        if m == "depth":
+            return decode_depth(sample[name], name, inp, train, rng, crop, limits=lim)
+        return decode_normal(sample[name], inp, train, rng, crop, as_uint8=True, limits=lim)
 
 
 def finalize(name: str, x: torch.Tensor, inputs: InputConfig) -> torch.Tensor:

@@ -90,6 +90,7 @@ class CorpusLoader:
             shards_per_chunk=data.shards_per_chunk,
             shuffle_buffer=data.shuffle_buffer if train else 0,
             shuffle=train,
+            max_member_bytes=data.limits.member_bytes,
         )
         if self.plan.split_by_sample and self.rank == 0:
             log.warning(
@@ -131,6 +132,7 @@ class CorpusLoader:
             rotation=self.rotation,
             max_skip_rate=self.data.max_skip_rate,
             min_samples_for_skip_rate=self.data.min_samples_for_skip_rate,
+            limits=self.data.limits,
         )
 
     def _start(self) -> Iterator[WorkerMessage]:
@@ -282,6 +284,7 @@ class EvalLoader:
             shards_per_chunk=1,  # shards read one after another
             shuffle_buffer=0,
             shuffle=False,
+            max_member_bytes=data.limits.member_bytes,
         )
         self.stats = SkipStats()
 
@@ -305,6 +308,7 @@ class EvalLoader:
             drop_last=False,
             max_skip_rate=self.data.max_skip_rate,
             min_samples_for_skip_rate=self.data.min_samples_for_skip_rate,
+            limits=self.data.limits,
             max_samples=per_worker,
         )
         ds = ShardStream(spec)

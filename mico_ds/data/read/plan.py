@@ -53,6 +53,7 @@ class StreamPlan:
     shards_per_chunk: int = 4
     shuffle_buffer: int = 256
     shuffle: bool = True
+    max_member_bytes: int = 0  # members larger are not read (data.limits.member_bytes; 0: no cap)
 
     @property
     def split_by_sample(self) -> bool:
@@ -74,7 +75,7 @@ class StreamPlan:
 
     def raw_chunk(self, stream: int, index: int, chunk: list[str]) -> Iterator[dict]:
         """The chunk's samples interleaved over its shards, this stream's share only."""
-        it = _round_robin([iter_tar(u) for u in chunk])
+        it = _round_robin([iter_tar(u, self.max_member_bytes) for u in chunk])
         if not self.split_by_sample:
             yield from it
             return

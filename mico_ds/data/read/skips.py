@@ -2,7 +2,9 @@
 
 :class:`SkipSample` is what a decoder raises for an unusable sample (its ``reason`` is the counter);
 :class:`SkipStats` counts samples seen and skipped, keeps a few example keys per reason, and enforces
-``data.max_skip_rate``.
+``data.max_skip_rate``. A decoder's unexpected exception is the reason :data:`DECODE_ERROR`, its
+examples carrying the exception (a bug in our code then stops the run at the skip-rate bound, with the
+exception named, rather than the first worker that meets it).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 EXAMPLES_PER_REASON = 3
+DECODE_ERROR = "decode_error"  # anything else a decoder raised for one sample
+DETAIL_CHARS = 200  # of an example's detail: enough for the exception type and its message
 
 
 class SkipSample(Exception):
@@ -30,9 +34,12 @@ class SkipStats:
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
 
-    def add(self, reason: str, key: str, n: int = 1) -> None:
+    def add(self, reason: str, key: str, n: int = 1, detail: str = "") -> None:
+        """Count ``n`` skips of ``reason``; ``detail`` (if any) is kept with the example key."""
         self.skipped[reason] += n
         ex = self.examples.setdefault(reason, [])
+        if detail:
+            key = f"{key} ({detail[:DETAIL_CHARS]})"
         if len(ex) < EXAMPLES_PER_REASON and key not in ex:
             ex.append(key)
 

@@ -10,6 +10,7 @@ continues the stream that was next when the state was saved (``mico_ds.data.read
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,13 +19,16 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mico_ds.config import InputConfig
+from mico_ds.config import DecodeLimits, InputConfig
 from mico_ds.data import schema
 from mico_ds.data.read.batch import collate, eval_extras, tokenize_into
 from mico_ds.data.read.decode import SampleDecoder
 from mico_ds.data.read.plan import Position, StreamPlan
-from mico_ds.data.read.skips import SkipSample, SkipStats
+from mico_ds.data.read.skips import DECODE_ERROR, SkipSample, SkipStats
 from mico_ds.data.tokenizer import resolve_tokenizer
+
+log = logging.getLogger(__name__)
+LOGGED_DECODE_ERRORS = 3  # per worker: the first tracebacks of decode_error skips (a bug shows there)
 
 
 @dataclass
@@ -77,6 +81,7 @@ class StreamSpec:
     max_skip_rate: float = 1.0
     min_samples_for_skip_rate: int = 0
     max_samples: int | None = None  # per logical stream (eval)
+    limits: DecodeLimits | None = None  # data.limits (None: its defaults)
 
 
 class ShardStream(IterableDataset):
@@ -97,7 +102,7 @@ class ShardStream(IterableDataset):
         sp = self.spec
         j = self.logical_stream()
         stream = sp.rank * sp.workers + j
-        decoder = SampleDecoder(sp.modalities, sp.inputs, sp.train)
+        decoder = SampleDecoder(sp.modalities, sp.inputs, sp.train, limits=sp.limits)
         tokenizer = resolve_tokenizer(sp.tokenizer)
         stats = SkipStats()  # since the previous message (shipped as increments)
         local = SkipStats()  # since this worker started (for its own bound check)
@@ -105,6 +110,7 @@ class ShardStream(IterableDataset):
         pos: Position = tuple(sp.positions[j])  # type: ignore[assignment]
         modalities = decoder.modalities
         taken = 0
+        logged = 0
 
         def emit() -> WorkerMessage:
             batch = collate(buf, modalities, sp.inputs)
@@ -117,6 +123,7 @@ class ShardStream(IterableDataset):
             stats.seen += 1
             local.seen += 1
             reason = item.get("__error__")
+            detail = ""
             if reason is None:
                 rng = (
                     np.random.default_rng([sp.plan.seed, sp.plan.salt, e, stream, c, i, 2])
@@ -130,9 +137,19 @@ class ShardStream(IterableDataset):
                     buf.append(sample)
                 except SkipSample as sk:
                     reason = sk.reason
+                    if reason == DECODE_ERROR:
+                        detail = sk.detail
+                        if logged < LOGGED_DECODE_ERRORS:
+                            logged += 1
+                            log.warning("sample %s skipped: %s", item["__key__"], sk, exc_info=sk)
+                except Exception as e:  # anything else about one sample (eval_extras ...): not the worker
+                    reason, detail = DECODE_ERROR, f"{type(e).__name__}: {e}"
+                    if logged < LOGGED_DECODE_ERRORS:
+                        logged += 1
+                        log.warning("sample %s skipped: %s", item["__key__"], detail, exc_info=e)
             if reason is not None:
-                stats.add(reason, item["__key__"])
-                local.add(reason, item["__key__"])
+                stats.add(reason, item["__key__"], detail=detail)
+                local.add(reason, item["__key__"], detail=detail)
                 try:
                     local.check(sp.corpus, sp.max_skip_rate, sp.min_samples_for_skip_rate)
                 except ValueError as err:

@@ -11,13 +11,15 @@
 Images, frames and normals are produced as ``uint8`` internally (cheap to stack and ship between
 processes) and normalized per batch by :func:`normalize_image` / :func:`normals_to_float`; the public
 ``decode_*`` helpers return final float tensors unless ``as_uint8=True``. Training randomness comes
-only from the ``numpy.random.Generator`` passed in.
+only from the ``numpy.random.Generator`` passed in. ``limits`` (``data.limits``, default its defaults)
+are checked on headers before decoding (``mico_ds.data.read.limits``).
 """
 
 from __future__ import annotations
 
 import io
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,7 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mico_ds.config import InputConfig
+from mico_ds.config import DecodeLimits, InputConfig
+from mico_ds.data.read import limits as L
 from mico_ds.data.read.skips import SkipSample
 
 # ----------------------------------------------------------------------------- geometry
@@ -94,15 +97,30 @@ def choose_crop(w: int, h: int, inputs: InputConfig, train: bool, rng: np.random
 # ----------------------------------------------------------------------------- images
 
 
-def _open_image(data: bytes, what: str) -> Image.Image:
+def _pil_skip(e: Exception, what: str) -> SkipSample:
+    """The skip of a Pillow error: its own decompression-bomb refusal is a pixel cap."""
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return SkipSample(L.TOO_MANY_PIXELS, f"{what}: {e}")
+    return SkipSample(f"bad_{what}", f"{type(e).__name__}: {e}")
+
+
+def _open_image(data: bytes, what: str, limits: DecodeLimits | None = None) -> Image.Image:
+    """Pillow's lazy open (header only) with the pixel cap applied before anything is decoded."""
     if not data:
         raise SkipSample(f"bad_{what}", "empty member")
     try:
-        img = Image.open(io.BytesIO(data))
-        img.size  # noqa: B018 - header parsed; errors surface here
-        return img
+        with warnings.catch_warnings():
+            # data.limits.image_pixels decides (below); Pillow's warning above its own threshold would
+            # be noise, and an exception where warnings are errors.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        w, h = img.size  # header parsed; errors surface here
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
-        raise SkipSample(f"bad_{what}", f"{type(e).__name__}: {e}") from None
+        raise _pil_skip(e, what) from None
+    if w < 1 or h < 1:
+        raise SkipSample(f"bad_{what}", f"size {w}x{h}")
+    L.check("image_pixels", w * h, L.resolve(limits), f"{what} {w}x{h}")
+    return img
 
 
 def _resize_rgb(img: Image.Image, crop: Crop, size: int, what: str) -> np.ndarray:
@@ -128,7 +146,7 @@ def _resize_rgb(img: Image.Image, crop: Crop, size: int, what: str) -> np.ndarra
     except SkipSample:
         raise
     except Exception as e:
-        raise SkipSample(f"bad_{what}", f"{type(e).__name__}: {e}") from None
+        raise _pil_skip(e, what) from None
 
 
 def _hwc_to_chw(a: np.ndarray) -> torch.Tensor:
@@ -148,8 +166,8 @@ def normals_to_float(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).mul_(1.0 / 127.5).sub_(1.0)
 
 
-def image_size_of(data: bytes, what: str = "image") -> tuple[int, int]:
-    return _open_image(data, what).size
+def image_size_of(data: bytes, what: str = "image", limits: DecodeLimits | None = None) -> tuple[int, int]:
+    return _open_image(data, what, limits).size
 
 
 def decode_image(
@@ -159,9 +177,10 @@ def decode_image(
     rng: np.random.Generator | None = None,
     crop: Crop | None = None,
     as_uint8: bool = False,
+    limits: DecodeLimits | None = None,
 ) -> tuple[torch.Tensor, Crop]:
     """Encoded image -> ((3, S, S) tensor, the crop used). ``crop`` overrides the random choice."""
-    img = _open_image(data, "image")
+    img = _open_image(data, "image", limits)
     if crop is None:
         crop = choose_crop(*img.size, inputs, train, rng)
     x = _hwc_to_chw(_resize_rgb(img, crop, inputs.image_size, "image"))
@@ -198,11 +217,16 @@ def decode_frames(
     crop: Crop | None = None,
     num_frames: int | None = None,
     as_uint8: bool = False,
+    limits: DecodeLimits | None = None,
 ) -> tuple[torch.Tensor, Crop]:
     """Pre-extracted encoded frames -> ((T, 3, S, S), crop): T sampled uniformly, one crop for all."""
+    lim = L.resolve(limits)
+    L.check("video_frames", len(frames), lim, "frame members")
     k = num_frames or _num_frames(inputs, train)
     idx = frame_indices(len(frames), k, train, rng)
-    imgs = {i: _open_image(frames[i], "video") for i in sorted(set(idx))}
+    imgs = {i: _open_image(frames[i], "video", lim) for i in sorted(set(idx))}
+    for i, im in imgs.items():
+        L.check("video_pixels", im.size[0] * im.size[1], lim, f"frame{i} {im.size[0]}x{im.size[1]}")
     if crop is None:
         crop = choose_crop(*imgs[idx[0]].size, inputs, train, rng)
     arrs = {i: _resize_rgb(im, crop, inputs.image_size, "video") for i, im in imgs.items()}
@@ -214,6 +238,62 @@ def _num_frames(inputs: InputConfig, train: bool) -> int:
     return inputs.num_frames if train or inputs.eval_num_frames is None else inputs.eval_num_frames
 
 
+def _video_stream(container, lim: DecodeLimits):  # noqa: ANN001, ANN202 - av types, imported lazily
+    """The first video stream, single-threaded, with the resolution cap applied to its header."""
+    if not container.streams.video:
+        raise SkipSample("bad_video", "no video stream")
+    stream = container.streams.video[0]
+    stream.thread_count = 1  # parallelism comes from data-loader workers, not codec threads
+    w, h = stream.codec_context.width, stream.codec_context.height
+    L.check("video_pixels", w * h, lim, f"video stream {w}x{h}")
+    return stream
+
+
+def _stated_frames(container, stream) -> tuple[int, int]:  # noqa: ANN001 - av types
+    """(the frame count the container states or 0, that or an estimate from duration x frame rate)."""
+    n = stream.frames or 0
+    if n > 0:
+        return n, n
+    rate = stream.average_rate
+    if stream.duration and stream.time_base:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration:
+        seconds = container.duration / 1e6  # AV_TIME_BASE
+    else:
+        return 0, 0
+    return 0, (int(math.ceil(seconds * float(rate))) if rate else 0)
+
+
+def _decode_pass(
+    container,
+    stream,
+    lim: DecodeLimits,
+    wanted: set[int],  # noqa: ANN001 - av types
+) -> tuple[int, dict[int, np.ndarray]]:
+    """One pass over the frames: (frames decoded, the ``wanted`` ones as RGB arrays). Stops after the
+    last wanted one (all frames when ``wanted`` is empty, which counts them); only wanted frames are
+    converted and kept, so memory stays at len(wanted) frames whatever the length of the video."""
+    last = max(wanted) if wanted else None
+    count, picked = 0, {}
+    for frame in container.decode(stream):
+        # Header or not, what the decoder produces is held to the caps (a stream may change size).
+        L.check("video_pixels", frame.width * frame.height, lim, f"frame {frame.width}x{frame.height}")
+        if count in wanted:
+            picked[count] = frame.to_ndarray(format="rgb24")
+        count += 1
+        L.check("video_frames", count, lim, "frames decoded")
+        if last is not None and count > last:
+            break
+    return count, picked
+
+
+def _reopened_pass(data: bytes, lim: DecodeLimits, wanted: set[int]) -> tuple[int, dict[int, np.ndarray]]:
+    import av
+
+    with av.open(io.BytesIO(data), mode="r") as container:
+        return _decode_pass(container, _video_stream(container, lim), lim, wanted)
+
+
 def decode_video(
     data: bytes,
     inputs: InputConfig,
@@ -222,45 +302,39 @@ def decode_video(
     crop: Crop | None = None,
     num_frames: int | None = None,
     as_uint8: bool = False,
+    limits: DecodeLimits | None = None,
 ) -> tuple[torch.Tensor, Crop]:
     """Encoded video (mp4/webm/gif) -> ((T, 3, S, S), crop) via PyAV.
 
     When the container states its frame count, frames are decoded in order up to the last sampled
-    one and only the sampled ones are converted to RGB; otherwise (some webm/gif) every frame is
-    decoded first to count them.
+    one and only the sampled ones are converted to RGB; otherwise (some webm/gif), or when the stated
+    count is too high, a first pass counts the frames (decoded, not kept).
     """
     import av  # local: PyAV's import is slow and audio-only / image-only workers never need it
 
     if not data:
         raise SkipSample("bad_video", "empty member")
+    lim = L.resolve(limits)
     k = num_frames or _num_frames(inputs, train)
     try:
+        picked: dict[int, np.ndarray] = {}
+        idx: list[int] = []
         with av.open(io.BytesIO(data), mode="r") as container:
-            if not container.streams.video:
-                raise SkipSample("bad_video", "no video stream")
-            stream = container.streams.video[0]
-            stream.thread_count = 1  # parallelism comes from data-loader workers, not codec threads
-            n = stream.frames or 0
-            picked: dict[int, np.ndarray] = {}
-            idx: list[int] = []
+            stream = _video_stream(container, lim)
+            n, estimate = _stated_frames(container, stream)
+            L.check("video_frames", estimate, lim, "frames stated by the container")
             if n > 0:
                 idx = frame_indices(n, k, train, rng)
-                wanted, last = set(idx), max(idx)
-                for i, frame in enumerate(container.decode(stream)):
-                    if i in wanted:
-                        picked[i] = frame.to_ndarray(format="rgb24")
-                    if i >= last:
-                        break
+                _, picked = _decode_pass(container, stream, lim, set(idx))
         if n <= 0 or len(picked) < len(set(idx)):
-            # Unknown (webm/gif) or over-stated frame count: decode everything, then sample.
-            with av.open(io.BytesIO(data), mode="r") as container:
-                stream = container.streams.video[0]
-                stream.thread_count = 1
-                frames_all = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-            if not frames_all:
+            # Unknown (webm/gif) or over-stated frame count: count the frames, then sample.
+            total, _ = _reopened_pass(data, lim, set())
+            if total == 0:
                 raise SkipSample("bad_video", "no decodable frames")
-            idx = frame_indices(len(frames_all), k, train, rng)
-            picked = {i: frames_all[i] for i in set(idx)}
+            idx = frame_indices(total, k, train, rng)
+            _, picked = _reopened_pass(data, lim, set(idx))
+            if len(picked) < len(set(idx)):
+                raise SkipSample("bad_video", f"{total} frames counted, fewer on a second decode")
     except SkipSample:
         raise
     except Exception as e:  # av.error.* (InvalidDataError, ...), ValueError on odd streams
@@ -277,6 +351,23 @@ def decode_video(
 # ----------------------------------------------------------------------------- depth / normals
 
 
+def _load_npy(data: bytes, lim: DecodeLimits) -> np.ndarray:
+    """A ``.npy`` depth map, its header (shape, dtype) checked against the caps before the array is
+    allocated: numpy would allocate whatever shape the header claims."""
+    f = io.BytesIO(data)
+    version = np.lib.format.read_magic(f)
+    fmt = np.lib.format
+    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, _, dtype = read_header(f)
+    if dtype.kind not in "biuf":
+        raise SkipSample("bad_depth", f"depth.npy of dtype {dtype} (not a real number)")
+    pixels = math.prod(shape)
+    L.check("image_pixels", pixels, lim, f"depth.npy of shape {shape}")
+    if pixels * dtype.itemsize > len(data) - f.tell():
+        raise SkipSample("bad_depth", f"depth.npy truncated: {len(data)} bytes for shape {shape} {dtype}")
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
 def decode_depth(
     data: bytes,
     ext: str,
@@ -284,6 +375,7 @@ def decode_depth(
     train: bool,
     rng: np.random.Generator | None = None,
     crop: Crop | None = None,
+    limits: DecodeLimits | None = None,
 ) -> tuple[torch.Tensor, Crop]:
     """16-bit PNG or float ``.npy`` depth -> ((1, S, S) float32, crop), zero mean / unit std.
 
@@ -292,17 +384,22 @@ def decode_depth(
     """
     if not data:
         raise SkipSample("bad_depth", "empty member")
+    lim = L.resolve(limits)
     try:
         if ext.endswith("npy"):
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
-            arr = np.squeeze(np.asarray(arr, dtype=np.float32))
-            if arr.ndim != 2:
+            with np.errstate(over="ignore"):  # float64 beyond float32's range: inf, zeroed below
+                arr = np.asarray(_load_npy(data, lim), dtype=np.float32)
+            while arr.ndim > 2 and 1 in (arr.shape[0], arr.shape[-1]):  # (1, H, W), (H, W, 1): (H, W)
+                arr = arr[0] if arr.shape[0] == 1 else arr[..., 0]
+            if arr.ndim != 2 or min(arr.shape) < 1:
                 raise ValueError(f"depth.npy must be (H, W), got shape {arr.shape}")
         else:
-            img = Image.open(io.BytesIO(data))
+            img = _open_image(data, "depth", lim)
             arr = np.asarray(img, dtype=np.float32)
             if arr.ndim == 3:  # an 8-bit RGB "depth" encoded as colour: use the first channel
                 arr = np.ascontiguousarray(arr[..., 0])
+            if arr.ndim != 2:  # a mode numpy does not see as a plain array
+                raise ValueError(f"depth image of mode {img.mode} gives shape {arr.shape}")
         if not np.isfinite(arr).all():
             arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
         h, w = arr.shape
@@ -314,11 +411,17 @@ def decode_depth(
         raise
     except Exception as e:
         raise SkipSample("bad_depth", f"{type(e).__name__}: {e}") from None
-    d = d - d.mean()
-    std = d.std()
+    with np.errstate(over="ignore", invalid="ignore"):
+        c = d - d.mean()
+        std = c.std()
+    if not (np.isfinite(std) and np.isfinite(c).all()):
+        # Depths near float32's range overflow float32 statistics: redo them in float64.
+        d64 = np.nan_to_num(d.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        c = d64 - d64.mean()
+        std = c.std()
     if std > 1e-6:
-        d = d / std
-    return torch.from_numpy(np.ascontiguousarray(d, dtype=np.float32))[None], crop
+        c = c / std
+    return torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))[None], crop
 
 
 def decode_normal(
@@ -328,9 +431,10 @@ def decode_normal(
     rng: np.random.Generator | None = None,
     crop: Crop | None = None,
     as_uint8: bool = False,
+    limits: DecodeLimits | None = None,
 ) -> tuple[torch.Tensor, Crop]:
     """Normal-map PNG (RGB = (n + 1) * 127.5) -> ((3, S, S) n in [-1, 1], crop)."""
-    img = _open_image(data, "normal")
+    img = _open_image(data, "normal", limits)
     if crop is None:
         crop = choose_crop(*img.size, inputs, train, rng)
     try:
@@ -339,6 +443,6 @@ def decode_normal(
         size = (inputs.image_size, inputs.image_size)
         a = np.asarray(img.resize(size, Image.Resampling.BILINEAR, box=crop.box(*img.size)))
     except Exception as e:
-        raise SkipSample("bad_normal", f"{type(e).__name__}: {e}") from None
+        raise _pil_skip(e, "normal") from None
     x = _hwc_to_chw(a)
     return (x if as_uint8 else normals_to_float(x)), crop
