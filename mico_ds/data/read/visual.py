@@ -287,6 +287,19 @@ def _decode_pass(
     return count, picked
 
 
+def _packet_count(data: bytes, lim: DecodeLimits) -> int:
+    """Frames of a stream that states none (webm, gif), by demuxing: one packet per frame for these
+    codecs, and no decoding (~100x faster than counting decoded frames)."""
+    import av
+
+    n = 0
+    with av.open(io.BytesIO(data), mode="r") as container:
+        for packet in container.demux(_video_stream(container, lim)):
+            n += packet.size > 0  # the demuxer's final flush packet is empty
+            L.check("video_frames", n, lim, "frames demuxed")
+    return n
+
+
 def _reopened_pass(data: bytes, lim: DecodeLimits, wanted: set[int]) -> tuple[int, dict[int, np.ndarray]]:
     import av
 
@@ -306,9 +319,9 @@ def decode_video(
 ) -> tuple[torch.Tensor, Crop]:
     """Encoded video (mp4/webm/gif) -> ((T, 3, S, S), crop) via PyAV.
 
-    When the container states its frame count, frames are decoded in order up to the last sampled
-    one and only the sampled ones are converted to RGB; otherwise (some webm/gif), or when the stated
-    count is too high, a first pass counts the frames (decoded, not kept).
+    Frames are decoded in order up to the last sampled one and only the sampled ones are converted to
+    RGB and kept (memory: T frames, whatever the video's length). The frame count is the container's,
+    else (webm, gif) the packets'; when it proves too high, a first pass counts decoded frames.
     """
     import av  # local: PyAV's import is slow and audio-only / image-only workers never need it
 
@@ -326,8 +339,13 @@ def decode_video(
             if n > 0:
                 idx = frame_indices(n, k, train, rng)
                 _, picked = _decode_pass(container, stream, lim, set(idx))
+        if n <= 0:
+            n = _packet_count(data, lim)
+            if n > 0:
+                idx = frame_indices(n, k, train, rng)
+                _, picked = _reopened_pass(data, lim, set(idx))
         if n <= 0 or len(picked) < len(set(idx)):
-            # Unknown (webm/gif) or over-stated frame count: count the frames, then sample.
+            # No frames in the packets, or fewer decode than stated: count decoded frames, then sample.
             total, _ = _reopened_pass(data, lim, set())
             if total == 0:
                 raise SkipSample("bad_video", "no decodable frames")
