@@ -15,7 +15,7 @@ is listed although it is written after the manifest: rank 0 serializes it first 
 ``digest`` makes a damaged manifest itself detectable.
 
 Why CRC-32 (``zlib.crc32``): it is in the standard library, the fastest checksum available here
-(measured on this project's 2-core CI machine: crc32 2.2 GB/s, adler32 1.6, sha256 1.1, blake2b 0.9,
+(measured on this project's 2-core CI machine, GiB/s: crc32 2.2, adler32 1.6, sha256 1.1, blake2b 0.9,
 md5 0.7), and it finds what a bad disk or a partial copy does: every burst of up to 32 flipped bits and
 any change of size. It is not a defence against tampering (``safe_load`` refuses pickles that could
 run code).
@@ -24,6 +24,8 @@ What verification reports: a listed file that is missing, has another size (trun
 to), or another checksum (bit flips, overwritten). A file in the directory the manifest does not list is
 not an error (notes, converter outputs); :func:`unlisted` names them. A checkpoint without a manifest
 (written before mico_ds recorded one, or by DeepSpeed directly) is loaded unverified.
+
+``python -m mico_ds.checkpoint RUN_DIR [--tag TAG]`` checks one checkpoint by hand.
 """
 
 from __future__ import annotations
@@ -271,19 +273,16 @@ def check(tag_dir: str | Path, checksums: bool = True) -> tuple[dict[str, Any] |
     return m, verify_files(tag_dir, m, m["files"], checksums)
 
 
-def require_intact(tag_dir: str | Path, checksums: bool = True) -> str:
+def require_intact(tag_dir: str | Path, checksums: bool = True, skip_flag: str | None = "--no-verify") -> str:
     """:func:`check`, raising ``ValueError`` naming every problem; returns a line saying what was checked.
 
     For the tools that read a checkpoint in one process (``tools/zero_to_fp32.py``,
-    ``tools/to_universal.py``).
+    ``tools/to_universal.py``); ``skip_flag`` is their option that skips the check.
     """
     m, problems = check(tag_dir, checksums)
     if problems:
-        raise ValueError(
-            f"{tag_dir} is damaged: "
-            + "; ".join(map(str, problems))
-            + " (pass --no-verify to read it anyway)"
-        )
+        hint = f" (pass {skip_flag} to read it anyway)" if skip_flag else ""
+        raise ValueError(f"{tag_dir} is damaged: " + "; ".join(map(str, problems)) + hint)
     if m is None:
         return f"{tag_dir} has no {MANIFEST_FILE} (written by an older mico_ds or by DeepSpeed): not verified"
     what = "sizes and CRC-32 checksums" if checksums else "sizes"

@@ -125,6 +125,7 @@ RULES: list[Rule] = [
          expect=("R@1",)),
     Rule(r"python tools/to_universal\.py runs/NAME.*", "run", needs=("run",),
          fresh=("runs/debug/checkpoints/step00000006_universal",)),
+    Rule(r"python -m mico_ds\.checkpoint runs/NAME.*", "run", needs=("run",), expect=("verified 7 files",)),
     Rule(r"python tools/ablate\.py --out runs/ablation.*", H, "python tools/ablate.py --help"),  # 30 minutes
     Rule(r"python tools/plot_runs\.py runs/a runs/b --out curves\.png", "run", needs=("run",)),
     Rule(r"python tools/plot_runs\.py runs/ablation/.*", H, "python tools/plot_runs.py --help"),

@@ -302,6 +302,14 @@ def test_a_checkpoint_whose_pickle_runs_code_is_refused(run2: Path, data_root: P
     sd = torch.load(f, weights_only=False)  # our own file, read before it is tampered with
     sd["ds_config"]["note"] = _Runs(marker)
     torch.save(sd, f)
+    # whoever tampers can rewrite the manifest too (its CRC-32s find damage, not intent): then only
+    # the allow-list stands between the pickle and every rank
+    from mico_ds.checkpoint import manifest
+
+    m = manifest.read(f.parent)
+    size, crc = manifest.checksum_file(f)
+    m["files"][f.name].update(size=size, crc32=manifest.crc_hex(crc))
+    manifest.write(f.parent, manifest.build(m["tag"], m["files"]))
 
     steps = f"--train.max_steps={STEPS + 1}"
     resume = run_train(run, *data_overrides(data_root), steps, "--resume", "latest", check=False)

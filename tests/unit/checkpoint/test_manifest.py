@@ -163,3 +163,17 @@ def test_shares_are_balanced_by_bytes_and_cover_every_file_once() -> None:
     loads = [sum(files[n]["size"] for n in p) for p in parts]
     assert max(loads) == 100 and min(loads) >= 26
     assert manifest.shares(m, 3) == parts, "the same split on every rank"
+
+
+def test_the_command_line_check(tmp_path: Path, capsys) -> None:
+    from mico_ds.checkpoint.__main__ import main
+
+    ck = tmp_path / "run" / "checkpoints"
+    write_checkpoint(ck / "step00000004")
+    (ck / "latest").write_text("step00000004")
+    assert main([str(tmp_path / "run")]) == 0
+    assert "verified 3 files of" in capsys.readouterr().out
+    (ck / "step00000004" / "client" / "rank0.pt").unlink()
+    assert main([str(ck), "--tag", "step00000004", "--size-only"]) == 2
+    err = capsys.readouterr().err
+    assert "client/rank0.pt: missing" in err and "--no-verify" not in err
