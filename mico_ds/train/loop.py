@@ -146,24 +146,38 @@ class Trainer:
             # A NaN backward makes every gradient of the step NaN: the optimizer then skips the step.
             self.engine.backward(losses["loss"] * math.nan if micro_bad else losses["loss"])
             if self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
-                bad = self._drop_nonfinite_grads(bad)
-            self.engine.step()
+                bad = bad or not self._grads_finite()
+            if bad and self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+                self._step_without_update()
+            else:
+                self.engine.step()
             for k, v in {**losses, **report}.items():
                 sums[k] = sums.get(k, 0) + v.detach().float()
             n += len(batch["keys"])
         applied = self.engine.was_step_applied() and not bad
         return {k: v / self.cfg.optim.grad_accum for k, v in sums.items()}, n, applied
 
-    def _drop_nonfinite_grads(self, bad: bool) -> bool:
-        """ZeRO-0: a plain torch optimizer would apply a NaN step; with no gradients it applies none.
+    def _grads_finite(self) -> bool:
+        """ZeRO-0: the gradients are whole and already averaged over ranks here (every rank agrees)."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return all(bool(torch.isfinite(g).all()) for g in grads)
 
-        The gradients are already averaged over ranks here, so every rank decides alike."""
-        params = [p for p in self.engine.module.parameters() if p.grad is not None]
-        bad = bad or not all(bool(torch.isfinite(p.grad).all()) for p in params)
-        if bad:
-            for p in params:
-                p.grad = None
-        return bad
+    def _step_without_update(self) -> None:
+        """ZeRO-0 with a plain torch optimizer, which would apply a NaN step: let the engine take the
+        step as DeepSpeed's own optimizers take an overflowed one (counted in ``skipped_steps``, no
+        schedule step), with zeroed gradients and the optimizer's update left out."""
+        opt = self.engine.optimizer
+        opt.zero_grad(set_to_none=False)
+        step, had = opt.step, hasattr(opt, "overflow")
+        opt.step, opt.overflow = (lambda *a, **k: None), True
+        try:
+            self.engine.step()
+        finally:
+            opt.step = step
+            if had:
+                opt.overflow = False
+            else:
+                del opt.overflow
 
     def fit(self) -> int:
         """Train to ``train.max_steps``; returns the process exit code."""
@@ -264,8 +278,6 @@ class Trainer:
         self.step, self.history = resumed.step, resumed.history
         self.guard.rolled_back(self.step)
         self.writer.rewind(self.step, keep_events=True)
-        if self.keys is not None:
-            self.keys = KeyLog(self.run_dir, self.rank, self.step)
         if self.rank == 0:
             log.warning(
                 "rolled back from step %d to checkpoint step %d (%s); skipping the %d micro-batch(es) "

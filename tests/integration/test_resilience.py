@@ -14,7 +14,10 @@ per-step losses bitwise (fp32 on CPU), the sample keys each rank consumed at eac
   train, stop, resume;
 * a rank killed with SIGKILL, mid-step on one node, and on the other of two nodes while rank 0 waits for
   it in a save (``MICO_TEST_STALL_SAVE=2:1:client``): the job ends non-zero, in bounded time, says
-  which rank died, and the half-written checkpoint is not marked complete.
+  which rank died, and the half-written checkpoint is not marked complete;
+* NaN batches and a loss spike (``MICO_TEST_FAULT``, train/guard.py): a non-finite step is skipped
+  without any update, two in a row and the spike roll back to the newest checkpoint and skip the data
+  read since it, and a resume from that checkpoint skips the same window again.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import signal
@@ -413,3 +417,110 @@ def test_rank_killed_in_a_save_on_another_node_ends_both_nodes(data_root: Path, 
     assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= files, files
     assert "rank0.pt" in files and "rank1.pt" not in files, files
     assert "meta.json" not in files and ckpt.read_latest(ck) is None, files
+
+
+# ---------------------------------------------------------------------------------------------- bad steps
+
+GUARDED = ["--train.max_bad_steps=2", "--train.spike_sigmas=3", "--train.spike_window=2"]
+# Rank 1's batch of step 3 decodes to NaN: skipped. Rank 0's batches of steps 5 and 6 too: two in a row,
+# so back to step 4, skipping their data. After that, step 6 reads the batch of step 8, whose loss rank 1
+# sees 100x higher: a spike, back to step 4 again, skipping the 4 batches read since.
+FAULTS = "3:1:nan,5:0:nan,6:0:nan,8:1:spike"
+
+
+def keys_in_order(run: Path, rank: int) -> list[tuple[int, list]]:
+    lines = (run / "keys" / f"rank{rank}.jsonl").read_text().splitlines()
+    return [(r["step"], r["keys"]) for r in map(json.loads, lines)]
+
+
+def engine_state(run: Path, step: int) -> dict:
+    f = run / "checkpoints" / ckpt.tag_for(step) / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    return torch.load(f, map_location="cpu", weights_only=False)  # our own test checkpoint
+
+
+def nonfinite(obj: object, path: str = "") -> dict[str, list[int]]:
+    """Where a checkpoint's float tensors hold NaN or inf (path -> flat indices)."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+            return {path: (~torch.isfinite(obj.detach())).flatten().nonzero().flatten().tolist()}
+        return {}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else []
+    return {k: v for key, val in items for k, v in nonfinite(val, f"{path}/{key}").items()}
+
+
+@pytest.fixture(scope="module")
+def guarded(reference: Path, data_root: Path, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("guarded") / "run"
+    job = Job(
+        train_cmd(run, *base_args(data_root), *GUARDED), run.parent / "log", {"MICO_TEST_FAULT": FAULTS}
+    )
+    finished(job, 0)
+    return run
+
+
+def test_nonfinite_steps_are_skipped_without_an_update(guarded: Path, reference: Path):
+    recs = records(guarded)
+    skipped = [r for r in recs if r.get("event") == "skipped_step"]
+    assert [r["step"] for r in skipped] == [3, 5, 6], skipped
+    ref = {r: keys_by_step(reference, r) for r in (0, 1)}
+    for r in skipped:  # every rank's keys of the batch that did it, for the data engineer
+        assert r["keys"] == [[k for _, _, k in ref[rank][r["step"]]] for rank in (0, 1)], r["step"]
+        assert all(math.isnan(v) for v in r["terms"].values()), r
+    # DeepSpeed's own books at checkpoint 4: 4 steps, 1 of them skipped, the schedule advanced 3 times
+    got, want = engine_state(guarded, 4), engine_state(reference, 4)
+    assert (got["global_steps"], got["skipped_steps"]) == (4, 1), (got["global_steps"], got["skipped_steps"])
+    assert (want["global_steps"], want["skipped_steps"]) == (4, 0)
+    assert got["lr_scheduler"]["last_epoch"] == want["lr_scheduler"]["last_epoch"] - 1
+    # nothing non-finite reached the weights or the optimizer: NaN only where the uninterrupted run has
+    # it too (ZeRO-3 pads each partitioned parameter to the world size with uninitialized memory)
+    for f in sorted((reference / "checkpoints" / ckpt.tag_for(STEPS)).glob("*.pt")):
+        g = guarded / "checkpoints" / ckpt.tag_for(STEPS) / f.name
+        want = nonfinite(torch.load(f, map_location="cpu", weights_only=False))
+        assert nonfinite(torch.load(g, map_location="cpu", weights_only=False)) == want, g
+    final = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in final] == list(range(1, STEPS + 1)), "each step logged once"
+    assert all(math.isfinite(r["loss"]) for r in final if r["step"] != 3), final
+
+
+def test_bad_runs_and_spikes_roll_back_and_skip_their_data(guarded: Path, reference: Path):
+    events = [r for r in records(guarded) if r.get("event") == "rollback"]
+    assert [(e["step"], e["from_step"], e["skipped_micro_batches"]) for e in events] == [(4, 6, 2), (4, 6, 4)]
+    assert "2 skipped (non-finite) steps in a row" in events[0]["reason"]
+    assert events[1]["reason"].startswith("loss spike: "), events[1]
+    for rank in (0, 1):
+        ref = {s: [k for _, _, k in v] for s, v in keys_by_step(reference, rank).items()}
+        got = keys_in_order(guarded, rank)
+        # the first pass: steps 1-6; the second pass (after the first rollback): steps 5-6 on the data of 7-8
+        assert [s for s, _ in got] == [1, 2, 3, 4, 5, 6, 5, 6, 5, 6, 7, 8]
+        assert [k for _, k in got[:6]] == [ref[s][0] for s in range(1, 7)]
+        assert [k for _, k in got[6:8]] == [ref[7][0], ref[8][0]], f"rank {rank}: the window was not skipped"
+    skips = json.loads((guarded / "data_skips.json").read_text())
+    assert skips["4"]["micro_batches"] == 4 and skips["4"]["world_size"] == 2, skips
+
+
+def test_a_resume_skips_the_rolled_back_window_again(guarded: Path, data_root: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(guarded, run)
+    shutil.rmtree(run / "checkpoints" / ckpt.tag_for(STEPS))
+    ckpt.write_latest(run / "checkpoints", ckpt.tag_for(4))  # as if the run had died right after step 4
+    finished(Job(train_cmd(run, *base_args(data_root), *GUARDED, "--resume", "latest"), tmp_path / "log"), 0)
+    want = {r["step"]: r for r in records(guarded) if "loss" in r}
+    for r in (r for r in records(run) if "loss" in r and r["step"] > 4):
+        for k in TERMS:
+            assert r[k] == want[r["step"]][k], (r["step"], k)
+    for rank in (0, 1):
+        assert keys_in_order(run, rank)[-4:] == keys_in_order(guarded, rank)[-4:]
+
+
+def test_zero0_skips_a_nonfinite_step_too(data_root: Path, tmp_path: Path):
+    """ZeRO-0 steps a plain torch optimizer, which has no overflow check: the trainer's own path."""
+    run = tmp_path / "run"
+    args = [*data_overrides(data_root), "--train.ds_config=zero0_cpu.json", "--train.max_steps=4",
+            "--train.save_every=0", "--eval.tasks=[]", "--train.progress=false"]  # fmt: skip
+    finished(Job(train_cmd(run, *args), tmp_path / "log", {"MICO_TEST_FAULT": "2:0:nan"}), 0)
+    assert [r["step"] for r in records(run) if r.get("event") == "skipped_step"] == [2]
+    assert all(math.isfinite(r["loss"]) for r in records(run) if "loss" in r and r["step"] != 2)
+    state = torch.load(run / "checkpoints" / ckpt.tag_for(4) / "mp_rank_00_model_states.pt",
+                       map_location="cpu", weights_only=False)  # fmt: skip
+    assert (state["global_steps"], state["skipped_steps"]) == (4, 1)
+    assert nonfinite(state["module"]) == {} and nonfinite(state["optimizer"]) == {}
