@@ -271,13 +271,18 @@ class CheckpointManager:
     def load(self, resume: str, config: dict[str, Any], allow_config_change: bool) -> Resumed:
         """Restore the engine, the data streams and the RNG states from ``resume`` (``latest`` or a tag).
 
+        The checkpoint is first verified against its manifest (``checkpoint.verify`` of ``config``).
+        ``latest`` takes the newest intact checkpoint, pointing ``latest`` at it when that is an older
+        one, so this is also the call that rolls a running job back (every rank, at the same step).
+
         Args:
             config: the plain form of this run's (new) config, checked against the checkpoint's.
             allow_config_change: resume even when an exactness key or the world size changed.
 
         Raises:
-            ValueError: an incomplete or unknown checkpoint, a change that breaks exactness (without
-                ``allow_config_change``), or ZeRO partitions of another world size.
+            ValueError: an incomplete, unknown or damaged (named) checkpoint, no intact one for
+                ``latest``, a change that breaks exactness (without ``allow_config_change``), or ZeRO
+                partitions of another world size.
         """
         from mico_ds.distributed.zero_checkpoint import load_engine_checkpoint
 
