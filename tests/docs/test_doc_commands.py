@@ -81,6 +81,9 @@ RULES: list[Rule] = [
          needs=("manifest",), fresh=("subsets",)),
     Rule(r"python tools/inspect_shards\.py 'data/mycorpus/mycorpus-\*\.tar' --json", "run",
          needs=("mycorpus",)),
+    Rule(r"python tools/fuzz_decoders\.py --seconds 300 --json fuzz\.json", H,  # five minutes
+         "python tools/fuzz_decoders.py --examples 32 --json fuzz.json", expect=("0 crashes",)),
+    Rule(r"MICO_FUZZ_PROFILE=long MICO_FUZZ_EXAMPLES=1000 python -m pytest (tests/\S+) -q", "covered", "{1}"),
     Rule(r"python tools/train_tokenizer\.py --captions-from data/mycorpus .*", "run", needs=("mycorpus",),
          fresh=("data/mycorpus/tokenizer",)),
     Rule(r"python tools/train_tokenizer\.py --captions-from captions\.txt .*", H,
