@@ -11,7 +11,7 @@ import torch
 
 from mico_ds.config import InputConfig
 from mico_ds.data import schema
-from mico_ds.data.read.decode import finalize, join_captions
+from mico_ds.data.read.decode import finalize, is_caption, is_text, join_captions
 from mico_ds.data.tokenizer import TextTokenizer
 
 
@@ -57,7 +57,8 @@ def eval_extras(item: dict, fields: dict[str, str]) -> dict:
     ``eval_texts``: one concatenated caption per caption alternative -- text j takes the j-th entry of
     every caption field that holds a list (cycling through shorter lists) and the single caption of the
     others; text 0 is the batch's ``captions`` entry. Duplicates are dropped.
-    ``qa``: the json's ``"qa"`` list of ``{"q": str, "a": str, ...}``; malformed entries are ignored.
+    ``qa``: the json's ``"qa"`` list of ``{"q": str, "a": str, ...}``; malformed entries (and texts a
+    tokenizer cannot take, see ``decode.is_text``) are ignored.
     """
     meta: dict = {}
     raw = item.get(schema.JSON_EXT)
@@ -72,7 +73,7 @@ def eval_extras(item: dict, fields: dict[str, str]) -> dict:
         for f in schema.CAPTION_FIELDS:
             v = caps.get(f)
             if isinstance(v, list):
-                v = [x.strip() for x in v if isinstance(x, str) and x.strip()]
+                v = [x.strip() for x in v if is_caption(x)]
                 if v:
                     alts[f] = v
     n = max((len(v) for v in alts.values()), default=1)
@@ -85,7 +86,7 @@ def eval_extras(item: dict, fields: dict[str, str]) -> dict:
     pairs = [
         dict(p)
         for p in (qa if isinstance(qa, list) else [])
-        if isinstance(p, dict) and isinstance(p.get("q"), str) and isinstance(p.get("a"), str)
+        if isinstance(p, dict) and is_text(p.get("q")) and is_text(p.get("a"))
     ]
     return {schema.EVAL_TEXTS: texts, schema.QA: pairs}
 

@@ -39,16 +39,21 @@ from mico_ds.data.read.visual import (
 # ----------------------------------------------------------------------------- text
 
 
-def is_caption(v: object) -> bool:
-    """A usable caption: a non-blank string the tokenizer can take (UTF-8 encodable: JSON may hold lone
-    surrogates such as ``"\\ud800"``, which tokenizers refuse, for a whole batch)."""
-    if not isinstance(v, str) or not v.strip():
+def is_text(v: object) -> bool:
+    """A string a tokenizer can take: UTF-8 encodable (JSON may hold lone surrogates such as
+    ``"\\ud800"``, which tokenizers refuse, for a whole batch)."""
+    if not isinstance(v, str):
         return False
     try:
         v.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True
+
+
+def is_caption(v: object) -> bool:
+    """A usable caption: non-blank text (:func:`is_text`)."""
+    return is_text(v) and bool(v.strip())  # type: ignore[union-attr]
 
 
 def caption_fields(

@@ -393,3 +393,12 @@ def test_captions_a_tokenizer_cannot_take_are_ignored() -> None:
     with pytest.raises(SkipSample) as e:
         D.SampleDecoder(["image"], INP, train=False)({"json": only, "png": pil_bytes(solid_rgb(), "PNG")})
     assert e.value.reason == "missing_caption"
+
+
+def test_evaluation_texts_and_questions_a_tokenizer_cannot_take_are_ignored() -> None:
+    from mico_ds.data.read.batch import eval_extras
+
+    qa = [{"q": "what \udfff?", "a": "x"}, {"q": "what?", "a": "a cat"}]
+    raw = json.dumps({"captions": {"vision": ["a cat", "\ud800"]}, "qa": qa}).encode()
+    extras = eval_extras({"json": raw}, D.caption_fields({"json": raw}))
+    assert extras["eval_texts"] == ["a cat"] and extras["qa"] == [{"q": "what?", "a": "a cat"}]
