@@ -176,7 +176,9 @@ def injected_faults(step: int, rank: int) -> set[str]:
     KIND is ``raise`` (the step raises), or a fault in the data, carried by the micro-batches that an
     uninterrupted run reads for step STEP (so a rollback that skips them skips the fault too): ``nan``
     (the float inputs become NaN, as from a sample that decodes to NaN) or ``spike`` (the loss is
-    multiplied by 100 before backward, as from a batch the model finds far harder).
+    multiplied by 100 before backward, as from a batch the model finds far harder). ``worker`` is read by
+    the data workers themselves (mico_ds/data/read/stream.py): each worker of rank RANK raises as it
+    collates its STEP-th batch.
     """
     kinds = set()
     for item in filter(None, os.environ.get("MICO_TEST_FAULT", "").split(",")):

@@ -11,6 +11,7 @@ continues the stream that was next when the state was saved (``mico_ds.data.read
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -113,6 +114,8 @@ class ShardStream(IterableDataset):
         logged = 0
 
         def emit() -> WorkerMessage:
+            if _worker_fault(sp.rank, taken // max(1, sp.batch_size) + 1):
+                raise RuntimeError(f"MICO_TEST_FAULT: a data worker of rank {sp.rank} raises")
             batch = collate(buf, modalities, sp.inputs)
             tokenize_into(batch, batch[schema.CAPTIONS], tokenizer, sp.text_max_len)
             batch[schema.CORPUS] = sp.corpus
@@ -167,3 +170,9 @@ class ShardStream(IterableDataset):
             yield emit()
         elif stats.seen and not sp.infinite:  # skip counts after the last batch still get reported
             yield WorkerMessage(j, pos, stats.as_dict())
+
+
+def _worker_fault(rank: int, batch: int) -> bool:
+    """Test hook: ``MICO_TEST_FAULT=N:RANK:worker`` (see mico_ds/train/guard.py) makes each data worker
+    of rank RANK raise as it collates its N-th batch, outside the per-sample skips, as a bug would."""
+    return f"{batch}:{rank}:worker" in os.environ.get("MICO_TEST_FAULT", "").split(",")
