@@ -216,7 +216,7 @@ class Trainer:
             if self.should_log():
                 rec = {k: mdist.dist_mean(v).item() for k, v in sorted(terms.items())}
                 rec.update(step=self.step, lr=self.engine.get_lr()[0], samples_per_s=tput.rate())
-                rec.update({f"skipped/{k}": v for k, v in self.data.skip_counts().items()})
+                rec.update(self.skip_counts())
                 rec.update(self.guard.counters())
                 if torch.cuda.is_available():
                     flops_ps = flops_ps or self.flops_per_sample()
@@ -245,6 +245,14 @@ class Trainer:
         self.watch.stop()
         self.write_summary(final, path)
         return 0
+
+    def skip_counts(self) -> dict[str, int]:
+        """Samples seen and skipped per corpus and reason, summed over every rank (a collective)."""
+        total: dict[str, int] = {}
+        for counts in mdist.all_gather_object(self.data.skip_counts()):
+            for k, v in counts.items():
+                total[f"skipped/{k}"] = total.get(f"skipped/{k}", 0) + v
+        return dict(sorted(total.items()))
 
     # ------------------------------------------------------------------ faults (train/guard.py)
     def log_skipped_step(self, terms: dict[str, torch.Tensor]) -> None:

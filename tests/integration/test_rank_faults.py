@@ -9,18 +9,29 @@ launchers through ``launch/hostfile.py node-run``, as launch/slurm_pretrain.sh s
   ``train.dist_timeout_s`` is 600 s; every log names the first error and its rank
   (mico_ds/train/failfast.py);
 * a rank stopped with SIGSTOP (alive, but it will never answer) ends the job within
-  ``train.dist_timeout_s`` plus a bounded margin, on one node and on two, and the log names it.
+  ``train.dist_timeout_s`` plus a bounded margin, on one node and on two, and the log names it;
+* a shard with bad and unusual members (a NaN float WAV and a lone-surrogate caption, which crashed a
+  data worker before; a PNG header claiming 60,000 x 60,000; a member over ``data.limits``; a 16-bit PNG
+  and a CMYK JPEG) trains to the end, the bad ones counted by reason over both ranks.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import re
 import signal
+import struct
+import tarfile
 import time
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
+from PIL import Image
 
 from tests.helpers.train import data_overrides, train_cmd
 from tests.integration.test_resilience import (
@@ -132,3 +143,91 @@ def test_a_stopped_rank_on_another_node_ends_both_nodes(data_root: Path, tmp_pat
     ]
     assert str(pid) in out1.split("killed the trainers still running here")[1].splitlines()[0]
     no_process_left(run)
+
+
+# ---------------------------------------------------------------------------------------------- bad data
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A real 8x8 PNG whose IHDR (CRC fixed) claims ``width`` x ``height``: a decompression bomb's header."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="PNG")
+    png = bytearray(buf.getvalue())
+    png[16:24] = struct.pack(">II", width, height)  # IHDR data starts after signature(8)+len(4)+type(4)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    return bytes(png)
+
+
+def _encoded(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _nan_wav() -> bytes:
+    wave = np.sin(np.linspace(0, 200, 16000)).astype(np.float32)
+    wave[100:200] = np.nan  # a float WAV a broken encoder wrote: kaldi's filterbank raised on it
+    buf = io.BytesIO()
+    sf.write(buf, wave, 16000, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def rewrite_with_bad_samples(shard: Path) -> dict[str, str]:
+    """Replace members of six samples of ``shard`` in place; returns key -> what was done to it."""
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8))
+    swaps = {  # sample index: (member extension to drop, new extension, new bytes, what)
+        1: ("flac", "wav", _nan_wav(), "nan_wav"),
+        2: ("jpg", "png", _png_claiming(60_000, 60_000), "bomb"),
+        3: ("jpg", "jpg", _encoded(noisy, "JPEG", quality=100), "too_large"),
+        4: ("jpg", "png", _encoded(Image.fromarray(np.full((40, 40), 30000, np.uint16)), "PNG"), "png16"),
+        5: ("jpg", "jpg", _encoded(Image.new("CMYK", (40, 40), (0, 200, 200, 0)), "JPEG"), "cmyk"),
+    }
+    with tarfile.open(shard) as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    keys = sorted({m.name.split(".", 1)[0] for m, _ in members})
+    done = {keys[i]: what for i, (_, _, _, what) in swaps.items()}
+    done[keys[6]] = "surrogate"
+    tmp = shard.with_name(shard.name + ".tmp")
+    with tarfile.open(tmp, "w") as out:
+        for m, data in members:
+            key, ext = m.name.split(".", 1)
+            i = keys.index(key)
+            if i in swaps and ext == swaps[i][0]:
+                _, ext, data, _ = swaps[i]
+            elif i == 6 and ext == "json":  # a lone surrogate: valid JSON, not encodable text
+                meta = json.loads(data)
+                meta["captions"] = {k: v + " \ud800" for k, v in meta["captions"].items()}
+                data = json.dumps(meta).encode()
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
+    os.replace(tmp, shard)
+    return done
+
+
+def test_bad_and_unusual_samples_are_counted_skips_not_a_stopped_run(tmp_path: Path):
+    from mico_ds.demo import ensure_demo_corpus
+
+    data = tmp_path / "data"
+    ensure_demo_corpus(data, num_train=64, num_val=32, progress=False)  # the debug recipe's corpus
+    done = rewrite_with_bad_samples(data / "omni" / "train-000000.tar")
+    run = tmp_path / "run"
+    args = [*data_overrides(data), "--train.max_steps=10", "--train.save_every=0", "--data.num_workers=2",
+            "--train.progress=false", "--eval.tasks=[]", "--train.record_keys=true",
+            "--data.limits.member_bytes=100000"]  # fmt: skip
+    job = Job(train_cmd(run, *args), tmp_path / "log")
+    rc = job.wait(300)
+    out = job.output()
+    assert rc == 0, out[-6000:]
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    skipped = {k.split("/")[-1]: v for k, v in last.items() if k.startswith("skipped/omni/")}
+    # 10 steps x 8 samples read the 64-sample shard about 1.5 times: every bad sample at least once
+    assert skipped["seen"] >= 80, skipped
+    # (every caption of the surrogate sample carries one: none is left, missing_caption)
+    for reason in ("too_many_pixels", "too_large_member", "bad_audio", "missing_caption"):
+        assert skipped.get(reason, 0) >= 1, (reason, skipped)
+    used = {k for r in (0, 1) for line in (run / "keys" / f"rank{r}.jsonl").read_text().splitlines()
+            for k in json.loads(line)["keys"]}  # fmt: skip
+    for key, what in done.items():
+        # the unusual but valid ones train, the bad ones never reach a batch
+        assert (key in used) == (what in ("png16", "cmyk")), (key, what, skipped)
