@@ -65,26 +65,36 @@ class StepGuard:
         self.in_a_row = 0
         self.skipped = 0
         self.rollbacks = 0
-        self._loss_sum = 0.0
-        self._micros = 0
+        self._sums: torch.Tensor | None = None  # this step's [loss sum over good micro-batches, good, bad]
 
-    def check_micro(self, losses: dict[str, torch.Tensor]) -> bool:
-        """True when any loss term of this micro-batch is not finite on any rank (a collective)."""
+    def check_micro(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Whether any loss term of this micro-batch is not finite on any rank (a collective).
+
+        Returns a 0-dim bool tensor on the loss's device and never waits for the device: on CUDA the
+        forward, this all_reduce and the backward stay queued; the step's one read is in
+        :meth:`step_was_bad` / :meth:`after_step`.
+        """
         terms = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
         finite = torch.isfinite(terms).all()
         loss = torch.where(finite, losses["loss"].detach().double(), 0.0)
         # On the loss's device: an NCCL group reduces CUDA tensors only.
-        s = mdist.all_reduce_sum(torch.stack([loss, (~finite).double()])).cpu()
-        bad = bool(s[1] > 0)
-        if not bad:
-            self._loss_sum += float(s[0]) / mdist.get_world_size()
-            self._micros += 1
+        s = mdist.all_reduce_sum(torch.stack([loss, finite.double(), (~finite).double()]))
+        world = mdist.get_world_size()
+        bad = s[2] > 0
+        good = torch.where(bad, 0.0, torch.stack([s[0] / world, torch.ones_like(s[0])]))
+        step = torch.cat([good, bad.double().reshape(1)])
+        self._sums = step if self._sums is None else self._sums + step
         return bad
+
+    def step_was_bad(self) -> bool:
+        """Whether a micro-batch of the current step was flagged by :meth:`check_micro` (reads it)."""
+        return self._sums is not None and bool(self._sums[2] > 0)
 
     def after_step(self, step: int, applied: bool) -> Verdict:
         """Account for the step that just ended; ``applied``: the optimizer updated the weights."""
-        loss = self._loss_sum / self._micros if self._micros else math.nan
-        self._loss_sum, self._micros = 0.0, 0
+        sums = self._sums.tolist() if self._sums is not None else [0.0, 0.0, 0.0]
+        loss = sums[0] / sums[1] if sums[1] else math.nan
+        self._sums = None
         if not applied:
             self.skipped += 1
             self.in_a_row += 1

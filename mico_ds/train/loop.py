@@ -141,20 +141,23 @@ class Trainer:
             losses, report = self.engine(batch, step=self.step, micro=micro)
             if "spike" in faults:
                 losses = {**losses, "loss": losses["loss"] * 100.0}
-            micro_bad = self.guard.check_micro(losses)
-            bad = bad or micro_bad
+            loss = losses["loss"]
             # A NaN backward makes every gradient of the step NaN: the optimizer then skips the step.
-            self.engine.backward(losses["loss"] * math.nan if micro_bad else losses["loss"])
+            # (x * 1.0 is x exactly; a device-side choice, so nothing waits for the device here.)
+            poison = torch.where(self.guard.check_micro(losses), math.nan, 1.0).to(loss.dtype)
+            self.engine.backward(loss * poison)
             if self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
-                bad = bad or not self._grads_finite()
-            if bad and self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
-                self._step_without_update()
+                bad = self.guard.step_was_bad() or not self._grads_finite()
+                if bad:
+                    self._step_without_update()
+                else:
+                    self.engine.step()
             else:
                 self.engine.step()
             for k, v in {**losses, **report}.items():
                 sums[k] = sums.get(k, 0) + v.detach().float()
             n += len(batch["keys"])
-        applied = self.engine.was_step_applied() and not bad
+        applied = self.engine.was_step_applied() and not bad and not self.guard.step_was_bad()
         return {k: v / self.cfg.optim.grad_accum for k, v in sums.items()}, n, applied
 
     def _grads_finite(self) -> bool:
