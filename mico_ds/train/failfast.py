@@ -52,11 +52,12 @@ class FailureNotice:
             with contextlib.suppress(OSError):
                 self.path.rename(self.path.with_name(f"failure.{rec.get('launch', 'old')}.json"))
 
-    def post(self, rank: int, step: int, error: str) -> bool:
-        """Record this rank's failure unless another rank's came first; True when this one is first."""
+    def post(self, rank: int, step: int, error: str, where: str = "") -> bool:
+        """Record this rank's failure unless another rank's came first; True when this one is first.
+        ``where``: what the rank was doing (see :func:`where_text`)."""
         rec = {
             "launch": self.launch_id, "rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
-            "step": step, "error": error, "time": time.time(),
+            "step": step, "where": where, "error": error, "time": time.time(),
         }  # fmt: skip
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,11 +79,14 @@ class FailureNotice:
         return rec if any_launch or rec.get("launch") == self.launch_id else None
 
 
+def where_text(step: int, phase: str = "") -> str:
+    """'in step 5' while step 5 trains; 'in the save after step 4' (or evaluation) between steps."""
+    return f"in the {phase} after step {step}" if phase else f"in step {step + 1}"
+
+
 def describe_notice(rec: dict) -> str:
-    return (
-        f"rank {rec['rank']} (pid {rec['pid']} on {rec['host']}) failed in step {rec['step'] + 1}: "
-        f"{rec['error']}"
-    )
+    where = where_text(rec["step"], rec.get("where", ""))
+    return f"rank {rec['rank']} (pid {rec['pid']} on {rec['host']}) failed {where}: {rec['error']}"
 
 
 class Heartbeats:

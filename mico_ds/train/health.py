@@ -28,7 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mico_ds import distributed as mdist
-from mico_ds.train.failfast import HEARTBEAT_S, STALE_S, FailureNotice, Heartbeats, describe_notice
+from mico_ds.train.failfast import (
+    HEARTBEAT_S,
+    STALE_S,
+    FailureNotice,
+    Heartbeats,
+    describe_notice,
+    where_text,
+)
 
 log = logging.getLogger("mico_ds")
 NOTICE_POLL_S = 1.0
@@ -183,14 +190,16 @@ def failure_report(
     exc: BaseException,
     notice: FailureNotice | None = None,
     beats: Heartbeats | None = None,
+    phase: str = "",
 ) -> str:
     """The lines a rank logs when training raised: who, where, what; the first failure of the job when
     another rank's came first; the peers it can check on this host; and, from the heartbeats, every
-    rank on any host that has gone silent or lags behind (stopped or hung)."""
+    rank on any host that has gone silent or lags behind (stopped or hung). ``phase``: "save" or
+    "evaluation" when the rank failed between steps (after ``step``), "" inside step ``step + 1``."""
     me = table[rank] if 0 <= rank < len(table) else this_rank(rank)
     msg = error_line(exc)
-    lines = [f"{describe(me)} failed in step {step + 1}: {type(exc).__name__}: {msg}"]
-    if notice is not None and not notice.post(rank, step, f"{type(exc).__name__}: {msg}"):
+    lines = [f"{describe(me)} failed {where_text(step, phase)}: {type(exc).__name__}: {msg}"]
+    if notice is not None and not notice.post(rank, step, f"{type(exc).__name__}: {msg}", phase):
         first = notice.read()
         if first is not None and first.get("rank") != rank:
             lines.append(f"  the first failure: {describe_notice(first)}")

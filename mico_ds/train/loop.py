@@ -86,6 +86,7 @@ class Trainer:
         self.guard = guard.StepGuard(t.max_bad_steps, t.spike_sigmas, t.spike_window)
         self.skips = guard.DataSkips(self.run_dir)
         self.step_keys: list[list[str]] = []
+        self.phase = ""  # "save" / "evaluation" between steps, for the failure report
         if resume is not None:
             resumed = self.checkpoints.load(resume, to_dict(cfg), allow_config_change)
             self.step, self.history = resumed.step, resumed.history
@@ -321,7 +322,9 @@ class Trainer:
         from mico_ds.eval.runner import run_evaluation, scalars
 
         t0 = time.perf_counter()
+        self.phase = "evaluation"
         res = run_evaluation(self.engine.module, self.cfg, self.tokenizer, self.device, self.bf16)
+        self.phase = ""
         self.engine.train()
         rec = {"step": self.step, **scalars(res), "eval/seconds": time.perf_counter() - t0}
         self.writer.write(rec)
@@ -329,9 +332,11 @@ class Trainer:
         return res
 
     def save(self) -> Path:
-        return self.checkpoints.save(
-            self.step, {"config": to_dict(self.cfg), "history": self.history[-1000:]}
-        )
+        self.phase = "save"
+        meta = {"config": to_dict(self.cfg), "history": self.history[-1000:]}
+        path = self.checkpoints.save(self.step, meta)
+        self.phase = ""
+        return path
 
     def write_summary(self, final_eval: dict[str, float], ckpt_path: Path) -> None:
         if self.rank != 0:
@@ -362,7 +367,10 @@ class Trainer:
     def report_failure(self, exc: BaseException) -> None:
         """Log which rank failed where and what it sees of its peers (a dead or silent one is named),
         and post the failure for the other ranks (train/failfast.py)."""
-        log.error("%s", health.failure_report(self.ranks, self.rank, self.step, exc, self.notice, self.beats))
+        report = health.failure_report(
+            self.ranks, self.rank, self.step, exc, self.notice, self.beats, self.phase
+        )
+        log.error("%s", report)
 
     def close(self) -> None:
         self.watch.stop()

@@ -175,9 +175,8 @@ def test_a_full_disk_stops_every_rank_with_the_space_needed_and_keeps_latest(ful
         "disk full: [Errno 28] No space left on device"
     )
     for rank in (0, 1):
-        assert re.search(rf"rank {rank} \(pid \d+ on [^)]+\) failed in step \d+: {re.escape(head)}", out), (
-            out[-6000:]
-        )
+        failed = rf"rank {rank} \(pid \d+ on [^)]+\) failed in the save after step \d+"
+        assert re.search(rf"{failed}: {re.escape(head)}", out), out[-6000:]
     m = re.search(
         r"The checkpoint needs [\d.]+ \w+ \((\d+) bytes\), ([\d.]+ \w+|\d+ bytes) is free there", out
     )
@@ -194,7 +193,9 @@ def test_a_resume_on_the_full_disk_is_refused_before_writing(full_disk: FullDisk
     want = f"checkpoint {TAG4} would not fit in {fd.run / 'checkpoints'}: disk full: it needs about"
     for rank in (0, 1):
         assert re.search(
-            rf"rank {rank} \(pid \d+ on [^)]+\) failed in step \d+: CheckpointSaveError: {want}", out
+            rf"rank {rank} \(pid \d+ on [^)]+\) failed in the save after step \d+: "
+            rf"CheckpointSaveError: {want}",
+            out,
         ), out[-6000:]
     assert f"({fd.first_ckpt} bytes, the size of {TAG2})" in out and "nothing was written" in out
     assert fd.after_second == (TAG2, [TAG2])

@@ -150,3 +150,11 @@ def test_failure_report_posts_and_names_the_first_failure(tmp_path: Path):
     )
     poster = f"pid {os.getpid()} on {socket.gethostname()}"  # this test posted rank 1's notice
     assert lines[1] == f"  the first failure: rank 1 ({poster}) failed in step 3: OSError: tmp worker fail"
+
+
+def test_a_failure_between_steps_says_where(tmp_path: Path):
+    table = [health.this_rank(0)]
+    notice = failfast.FailureNotice(tmp_path, "L")
+    text = health.failure_report(table, 0, 4, OSError("No space left"), notice, phase="save")
+    want = "failed in the save after step 4: OSError: No space left"
+    assert text.splitlines()[0].endswith(want) and failfast.describe_notice(notice.read()).endswith(want)
