@@ -34,9 +34,9 @@ import soundfile as sf
 from PIL import Image
 
 from tests.helpers.train import data_overrides, train_cmd
-from tests.integration.test_resilience import (
-    _JOBS,
+from tests.integration.test_resilience import (  # noqa: F401 -- _no_leftover_jobs: its autouse fixture
     Job,
+    _no_leftover_jobs,
     hostfile,
     logged_step,
     start_two_nodes,
@@ -52,16 +52,6 @@ FAST_S = 30
 # After a freeze: the timeout, then the DeepSpeed launcher's 30 s SIGTERM grace (a stopped process
 # keeps SIGTERM pending) or node-run's 10 s grace, plus the load of 2 busy cores.
 FROZEN_S = TIMEOUT_S + 75
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_jobs():
-    yield
-    while _JOBS:
-        job = _JOBS.pop()
-        if job.proc.poll() is None:
-            job.kill_group()
-            job.proc.wait(60)
 
 
 @pytest.fixture(scope="module")

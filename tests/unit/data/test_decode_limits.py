@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import tarfile
 import warnings
 import zlib
 from pathlib import Path
@@ -28,6 +27,7 @@ from mico_ds.data.read import visual as V
 from mico_ds.data.read.loader import EvalLoader
 from mico_ds.data.read.skips import DECODE_ERROR, SkipSample
 from mico_ds.data.write import media
+from tests.unit.data.test_pipeline import write_tar
 
 INP = InputConfig(image_size=32, num_frames=4, mel_bins=32, clip_frames=32, num_clips=2)
 CAPTION = json.dumps({"captions": {"vision": "a thing"}}).encode()
@@ -193,20 +193,13 @@ def test_json_bytes_and_member_bytes() -> None:
     assert out["image"].shape == (3, 32, 32)
 
 
-def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> str:
-    with tarfile.open(path, "w") as tf:
-        for key, members in samples:
-            for ext, data in members.items():
-                ti = tarfile.TarInfo(f"{key}.{ext}")
-                ti.size = len(data)
-                tf.addfile(ti, io.BytesIO(data))
-    return str(path)
-
-
 def test_iter_tar_does_not_read_oversized_members(tmp_path: Path) -> None:
     png = media.encode_png(RGB)
-    url = write_tar(
-        tmp_path / "s.tar", [("a", {"png": png, "mp4": b"v" * 100_000, "json": CAPTION}), ("b", {"png": png})]
+    url = str(
+        write_tar(
+            tmp_path / "s.tar",
+            [("a", {"png": png, "mp4": b"v" * 100_000, "json": CAPTION}), ("b", {"png": png})],
+        )
     )
     items = list(iter_tar(url, max_member_bytes=50_000))
     assert [i["__key__"] for i in items] == ["a", "b"]
@@ -218,7 +211,7 @@ def test_iter_tar_does_not_read_oversized_members(tmp_path: Path) -> None:
 
 def test_an_unexpected_decoder_exception_is_a_counted_skip(tmp_path: Path, monkeypatch, caplog) -> None:
     png = media.encode_png(RGB)
-    url = write_tar(tmp_path / "s.tar", [(f"k{i}", {"png": png, "json": CAPTION}) for i in range(4)])
+    url = str(write_tar(tmp_path / "s.tar", [(f"k{i}", {"png": png, "json": CAPTION}) for i in range(4)]))
     calls = {"n": 0}
     real = D.decode_image
 
@@ -250,8 +243,10 @@ def test_a_lone_surrogate_caption_does_not_stop_the_worker(tmp_path: Path) -> No
     )
     png = media.encode_png(RGB)
     bad = json.dumps({"captions": {"vision": "a \ud800 thing", "audio": "a hum"}}).encode()
-    url = write_tar(
-        tmp_path / "s.tar", [("good", {"png": png, "json": CAPTION}), ("odd", {"png": png, "json": bad})]
+    url = str(
+        write_tar(
+            tmp_path / "s.tar", [("good", {"png": png, "json": CAPTION}), ("odd", {"png": png, "json": bad})]
+        )
     )
     data = DataConfig(root=str(tmp_path), num_workers=0, max_skip_rate=1.0)
     ev = EvalLoader(
