@@ -40,7 +40,9 @@ def make_checkpoint(out: Path, millions: float, width: int, stage: int) -> int:
     engine.backward(engine(torch.randn(1, width)).square().mean())
     engine.step()
     engine.save_checkpoint(str(out), tag="step00000001")
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    torch.distributed.destroy_process_group()  # a live group can abort in Gloo's thread teardown at exit
+    return n
 
 
 def convert(ckpt: Path, out: Path, shard: str) -> dict[str, float]:

@@ -216,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     r = run(args)
+    from mico_ds import distributed as mdist
+
+    mdist.destroy()  # exiting with the process group alive can abort in Gloo's thread teardown
     gb = 2**30
     print(
         f"== {r['slice']} on {r['device']}: batch {r['batch']}, {r['precision']}, ZeRO-{r['zero_stage']} =="

@@ -273,6 +273,7 @@ def losses_worker(a: argparse.Namespace) -> None:
     import torch
     from bench_gpu_step import synthetic_batch
 
+    from mico_ds import distributed as mdist
     from mico_ds.config import load_config
     from mico_ds.data.schema import SpecialTokens
     from mico_ds.distributed.engine import build_engine, init_distributed
@@ -301,6 +302,7 @@ def losses_worker(a: argparse.Namespace) -> None:
         engine.step()
         losses.append({k: float(v) for k, v in out.items() if k != "matching_loss"})
     Path(a.json).write_text(json.dumps({"device": a.device, "precision": a.precision, "losses": losses}))
+    mdist.destroy()  # exiting with the process group alive can abort in Gloo's thread teardown
 
 
 # ------------------------------------------------------------------------------------------ report
