@@ -22,6 +22,7 @@ from mico_ds.data.read.batch import truncate
 from mico_ds.data.read.plan import Position, StreamPlan, salt_of
 from mico_ds.data.read.skips import SkipStats
 from mico_ds.data.read.stream import ShardStream, StreamSpec, WorkerMessage
+from mico_ds.data.sizing import corpus_sizes
 from mico_ds.data.tokenizer import TextTokenizer, resolve_tokenizer
 
 log = logging.getLogger(__name__)
@@ -93,11 +94,13 @@ class CorpusLoader:
             max_member_bytes=data.limits.member_bytes,
         )
         if self.plan.split_by_sample and self.rank == 0:
+            known = corpus_sizes(urls, open_missing=False)  # sizes.json / *_stats.json: never opens a tar
             log.warning(
-                "corpus %r: %d shard(s) for %d streams (%d ranks x %d workers): every stream reads every "
+                "corpus %r: %d shard(s)%s for %d streams (%d ranks x %d workers): every stream reads every "
                 "shard and keeps every %d-th sample",
                 corpus.name,
                 len(urls),
+                f", {known.short()}," if known.sizes else "",
                 self.plan.num_streams,
                 self.world_size,
                 self.workers,
