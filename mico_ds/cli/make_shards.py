@@ -10,11 +10,11 @@ Manifest line (paths relative to the manifest; every field but key optional):
    "captions": {"vision": "...", "audio": "...", "subtitle": "...", "depth": "..."},
    "category": "music", "source": "my-corpus"}
 
-Accepted media: JPEG/PNG/WebP images, MP4/WebM/GIF video, WAV/FLAC/MP3 audio, 16-bit PNG or .npy depth,
-8-bit RGB PNG normals. Each file is opened with its decoder (Pillow, PyAV, soundfile, numpy) and stored
-byte-for-byte. A missing or unreadable file stops the run with the manifest line and path (and removes
-this run's shards) unless --skip-bad. Shards are written under temporary names and renamed when
-complete. See docs/data.md.
+Accepted media: JPEG/PNG/WebP images, MP4/WebM/GIF video, WAV/FLAC/MP3/M4A/AAC/Ogg/Opus audio, 16-bit
+PNG or .npy depth, 8-bit RGB PNG normals. Each file is opened with its decoder (Pillow, PyAV, soundfile,
+numpy) and stored byte-for-byte. A missing or unreadable file stops the run with the manifest line and
+path (and removes this run's shards) unless --skip-bad. Shards are written under temporary names and
+renamed when complete. See docs/data.md.
 """
 
 from __future__ import annotations

@@ -134,16 +134,30 @@ def frame_members(sample: Iterable[str]) -> list[str]:
     return [k for _, k in sorted(names)]
 
 
-def find_member(sample: Mapping[str, object] | Iterable[str], modality: str) -> str | None:
-    """The member carrying ``modality`` (:data:`FRAMES` for pre-extracted video frames), or None."""
+def find_member(
+    sample: Mapping[str, object] | Iterable[str], modality: str, audio_track: bool = False
+) -> str | None:
+    """The member carrying ``modality`` (:data:`FRAMES` for pre-extracted video frames), or None.
+
+    With ``audio_track``, ``audio`` falls back to a video member whose audio stream may serve it
+    (schema.AUDIO_TRACK_EXTS: mp4, webm) when the sample has no audio member: the decoder's rule for a
+    corpus that declares audio (docs/data.md, "Shard format"). Whether that video has sound is known
+    only once it is opened, so nothing that merely lists modalities passes it.
+    """
     exts = set(sample)
     if modality == "video" and frame_members(exts):
         return FRAMES
-    return next((e for e in MODALITY_EXTS[modality] if e in exts), None)
+    found = next((e for e in MODALITY_EXTS[modality] if e in exts), None)
+    if found is None and audio_track and modality == "audio":
+        found = next((e for e in schema.AUDIO_TRACK_EXTS if e in exts), None)
+    return found
 
 
 def member_modalities(exts: Iterable[str]) -> list[str]:
-    """Knowledge modalities (schema.MODALITIES order) present among a sample's member extensions."""
+    """Knowledge modalities (schema.MODALITIES order) present among a sample's member extensions.
+
+    A video member counts as video only, not as audio: whether it has an audio stream is known only
+    by opening it (see :func:`find_member`'s ``audio_track``)."""
     exts = set(exts)
     return [m for m in schema.MODALITIES if find_member(exts, m) is not None]
 

@@ -44,7 +44,10 @@ CAPTION_SEP = " ; "
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 VIDEO_EXTS: tuple[str, ...] = ("mp4", "webm", "gif")
 FRAME_PREFIX = "frame"  # pre-extracted video frames: frame0.jpg, frame1.jpg, ...
-AUDIO_EXTS: tuple[str, ...] = ("flac", "wav", "mp3")
+AUDIO_EXTS: tuple[str, ...] = ("flac", "wav", "mp3", "m4a", "aac", "ogg", "opus")
+# Video members whose own audio stream serves ``audio`` when a sample has no audio member (a GIF has
+# no sound; pre-extracted frames have no track).
+AUDIO_TRACK_EXTS: tuple[str, ...] = ("mp4", "webm")
 DEPTH_EXTS: tuple[str, ...] = ("depth.png", "depth.npy")
 NORMAL_EXTS: tuple[str, ...] = ("normal.png",)
 JSON_EXT = "json"

@@ -1,13 +1,18 @@
 """Decoding of audio members: mono waveform at ``inputs.sample_rate``, Kaldi log-mel filterbank, clips.
 
-audio   (N, 1, F, Tm)    soundfile (flac/wav) or PyAV (mp3 & co), mono, resampled with PyAV's
-                         AudioResampler (libswresample) to inputs.sample_rate, Kaldi log-mel
-                         filterbank (kaldi-native-fbank, the torchaudio.compliance.kaldi.fbank
-                         settings of MiCo/VAST/AST), normalized (fbank - mean) / (2 std), cut into
-                         N clips of Tm frames
+audio   (N, 1, F, Tm)    soundfile (flac/wav) or PyAV (mp3, m4a, aac, ogg, opus, and the audio
+                         stream of an mp4/webm video member when a sample has no audio member),
+                         mono, resampled with PyAV's AudioResampler (libswresample) to
+                         inputs.sample_rate, Kaldi log-mel filterbank (kaldi-native-fbank, the
+                         torchaudio.compliance.kaldi.fbank settings of MiCo/VAST/AST), normalized
+                         (fbank - mean) / (2 std), cut into N clips of Tm frames
 
 ``data.limits.audio_seconds`` is checked on the header (soundfile's, the container's) and again on
 the samples as they are read, so a member's memory stays bounded whatever its header claims.
+
+A container without an audio stream is ``bad_audio`` when it is an audio member (a file that claims
+to be audio) and :data:`NO_AUDIO_STREAM` when it is a video member read for its track (a silent
+video is valid data, only not for an audio corpus).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 import torch
 
 from mico_ds.config import DecodeLimits, InputConfig
+from mico_ds.data import schema
 from mico_ds.data.read import limits as L
 from mico_ds.data.read.skips import SkipSample
 
@@ -35,6 +41,7 @@ MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 1_536_000  # outside: no recording form
 READ_BLOCK_SAMPLES = 1 << 18
 # libsndfile's "length unknown" (SF_COUNT_MAX, e.g. a FLAC written to a pipe): PyAV decodes those.
 UNKNOWN_FRAMES = 1 << 62
+NO_AUDIO_STREAM = "no_audio_stream"  # skip reason: a video member read for audio has no audio stream
 
 
 # ----------------------------------------------------------------------------- audio
@@ -117,13 +124,14 @@ def _read_soundfile(data: bytes, sample_rate: int, lim: DecodeLimits) -> np.ndar
     return out.finish()
 
 
-def _read_av(data: bytes, sample_rate: int, lim: DecodeLimits) -> np.ndarray:
-    """Any container PyAV opens: its first audio stream, mono at ``sample_rate``."""
+def _read_av(data: bytes, sample_rate: int, lim: DecodeLimits, no_stream: str = "bad_audio") -> np.ndarray:
+    """Any container PyAV opens: its first audio stream, mono at ``sample_rate``; the skip
+    ``no_stream`` when it has none."""
     import av
 
-    with av.open(io.BytesIO(data), mode="r") as container:
+    with av.open(io.BytesIO(data), mode="r") as container:  # BytesIO shares the bytes, no copy
         if not container.streams.audio:
-            raise SkipSample("bad_audio", "no audio stream")
+            raise SkipSample(no_stream, "no audio stream")
         stream = container.streams.audio[0]
         if stream.duration and stream.time_base:
             L.check("audio_seconds", float(stream.duration * stream.time_base), lim, "audio stream duration")
@@ -145,14 +153,16 @@ def _read_av(data: bytes, sample_rate: int, lim: DecodeLimits) -> np.ndarray:
 
 
 def load_waveform(data: bytes, ext: str, sample_rate: int, limits: DecodeLimits | None = None) -> np.ndarray:
-    """Encoded audio -> mono float32 at ``sample_rate`` (soundfile for flac/wav, else PyAV)."""
+    """Encoded audio -> mono float32 at ``sample_rate`` (soundfile for flac/wav, else PyAV; ``ext``
+    a video member's (schema.AUDIO_TRACK_EXTS): its audio stream, :data:`NO_AUDIO_STREAM` if none)."""
     if not data:
         raise SkipSample("bad_audio", "empty member")
     lim = L.resolve(limits)
+    no_stream = NO_AUDIO_STREAM if ext in schema.AUDIO_TRACK_EXTS else "bad_audio"
     try:
         wave = _read_soundfile(data, sample_rate, lim) if ext in ("flac", "wav") else None
         if wave is None:
-            wave = _read_av(data, sample_rate, lim)
+            wave = _read_av(data, sample_rate, lim, no_stream)
     except SkipSample:
         raise
     except Exception as e:

@@ -9,6 +9,12 @@ so that a resumed run reproduces every crop, frame and caption choice.
 Bad data never stops a run (docs/architecture.md, "Data contract"): members past ``data.limits`` are
 refused before decoding (``mico_ds.data.read.limits``), and whatever else a decoder raises for one
 sample becomes the skip ``decode_error`` naming the member and the exception.
+
+``audio`` comes from the sample's audio member, else from the audio stream of its mp4/webm video
+member (``find_member(..., audio_track=True)``): the same bytes object the frames are decoded from,
+opened a second time (no copy; the member-size cap applies to it once), and the same window, since
+frames and audio clips are both spread over the whole member. A video without an audio stream is the
+skip ``no_audio_stream``.
 """
 
 from __future__ import annotations
@@ -112,9 +118,10 @@ class SampleDecoder:
     """Decode one raw sample into the tensors of ``modalities`` (see module docstring).
 
     Raises :class:`SkipSample` with a reason (``missing_modality``, ``bad_<modality>``, ``bad_json``,
-    ``missing_caption``, a cap's reason of ``mico_ds.data.read.limits``, ``decode_error``) for samples
-    that cannot be used. Extra members are ignored. Spatial modalities share one crop, chosen on the
-    image (else video, depth, normal) geometry. ``limits`` default to ``data.limits``' defaults.
+    ``missing_caption``, ``no_audio_stream``, a cap's reason of ``mico_ds.data.read.limits``,
+    ``decode_error``) for samples that cannot be used. Extra members are ignored. Spatial modalities
+    share one crop, chosen on the image (else video, depth, normal) geometry. ``limits`` default to
+    ``data.limits``' defaults. ``audio`` may come from a video member's track (module docstring).
     """
 
     def __init__(
@@ -150,12 +157,12 @@ class SampleDecoder:
         names = [*sample, *(sample.get(OVERSIZED) or {})]  # type: ignore[misc]
         members = {}
         for m in self.modalities:
-            name = find_member(names, m)
+            name = find_member(names, m, audio_track=True)
             if name is None:
                 raise SkipSample("missing_modality", m)
             members[m] = name
         used = [n for n in names if n in (schema.JSON_EXT, schema.TXT_EXT)]
-        for name in members.values():
+        for name in dict.fromkeys(members.values()):  # a video serving video and audio is one member
             used += frame_members(names) if name == FRAMES else [name]
         self._check_sizes(sample, used)
         try:

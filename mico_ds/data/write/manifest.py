@@ -10,7 +10,8 @@ A raw-media manifest is JSON lines, one sample per line (paths relative to the m
 Every field but ``key`` is optional. Each media file is validated by opening it with the library the
 loader decodes it with (``mico_ds.data.write.probe``); its original bytes are stored unchanged under
 the member name of the contract (``jpg``/``png``/``webp``, ``mp4``/``webm``/``gif``,
-``flac``/``wav``/``mp3``, ``depth.png``/``depth.npy``, ``normal.png``, ``json``).
+``flac``/``wav``/``mp3``/``m4a``/``aac``/``ogg``/``opus``, ``depth.png``/``depth.npy``, ``normal.png``,
+``json``).
 """
 
 from __future__ import annotations

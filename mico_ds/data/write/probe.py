@@ -8,9 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
+from mico_ds.data import schema
+
 _IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _VIDEO_EXTS = {".mp4": "mp4", ".webm": "webm", ".gif": "gif"}
-_AUDIO_EXTS = {".flac": "flac", ".wav": "wav", ".mp3": "mp3"}
+_AUDIO_EXTS = {f".{e}": e for e in schema.AUDIO_EXTS}  # stored under the file's own extension
+_SOUNDFILE_EXTS = ("flac", "wav")  # the loader reads these with soundfile, the others with PyAV
 
 
 def probe_image(path: Path) -> str:
@@ -44,11 +47,12 @@ def probe_video(path: Path) -> str:
 
 
 def probe_audio(path: Path) -> str:
-    """Decode audio fully (soundfile for WAV/FLAC, PyAV for MP3); returns flac/wav/mp3."""
+    """Decode audio fully (soundfile for WAV/FLAC, PyAV for MP3/M4A/AAC/Ogg/Opus); returns the member
+    extension (schema.AUDIO_EXTS: the file's own)."""
     ext = _AUDIO_EXTS.get(path.suffix.lower())
     if ext is None:
         raise ValueError(f"unsupported audio extension {path.suffix!r} (accepted: {sorted(_AUDIO_EXTS)})")
-    if ext == "mp3":
+    if ext not in _SOUNDFILE_EXTS:
         import av
 
         with av.open(str(path)) as container:

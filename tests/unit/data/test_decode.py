@@ -345,7 +345,11 @@ def test_sample_decoder_all_modalities_and_missing_one() -> None:
     assert out["depth"].shape == (1, 32, 32)
     assert out["normal"].shape == (3, 32, 32)
     assert D.join_captions(out["fields"]) == "grey ; hum"
-    del sample["flac"]
+    del sample["flac"]  # audio then comes from the mp4's track, and this mp4 has none
+    with pytest.raises(skips.SkipSample) as e:
+        dec(sample, np.random.default_rng(0))
+    assert e.value.reason == "no_audio_stream"
+    del sample["depth.png"]
     with pytest.raises(skips.SkipSample) as e:
         dec(sample, np.random.default_rng(0))
     assert e.value.reason == "missing_modality"
