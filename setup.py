@@ -12,7 +12,7 @@ reqs = [
 ]
 # The tools are console scripts too (tools/*.py stay, as thin wrappers, where users expect them).
 TOOLS = ["zero_to_fp32", "to_universal", "make_shards", "make_demo_data", "split_subsets", "inspect_shards",
-         "train_tokenizer"]  # fmt: skip
+         "train_tokenizer", "index_shards"]  # fmt: skip
 
 setup(
     name="mico_ds",

@@ -23,9 +23,10 @@ from concurrent.futures import ProcessPoolExecutor
 
 from mico_ds.config import InputConfig, load_config
 from mico_ds.data import schema
-from mico_ds.data.io import expand_urls, find_member, iter_tar, shard_sizes
+from mico_ds.data.io import expand_urls, find_member, iter_tar
 from mico_ds.data.read.decode import SampleDecoder
 from mico_ds.data.read.skips import SkipSample, SkipStats
+from mico_ds.data.sizing import corpus_sizes
 
 
 class Report:
@@ -161,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    sizes = shard_sizes(urls)
-    total = sum(sizes.values()) if len(sizes) == len(urls) else None
+    # The bar's total from the indexes alone (sizes.json, *_stats.json): every tar is read below anyway.
+    known = corpus_sizes(urls, open_missing=False)
+    total = known.total if known.complete else None
     if args.max_samples is not None:
         total = min(total, args.max_samples) if total is not None else args.max_samples
     bar = tqdm(total=total, unit="sample", disable=args.no_progress or None, file=sys.stderr)
@@ -190,10 +192,11 @@ def main(argv: list[str] | None = None) -> int:
 
     out = rep.as_dict()
     out["max_skip_rate"] = bound
+    out["indexed"] = {"samples": known.total, "shards": known.by_source(), "unsized": len(known.unsized)}
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"{out['samples']} samples in {len(urls)} shard(s)")
+        print(f"{out['samples']} samples in {len(urls)} shard(s); indexed: {known.describe()}")
         for m, n in out["decoded"].items():
             shapes = ", ".join(f"{s} ({k})" for s, k in out["shapes"].get(m, {}).items())
             print(f"  {m:<7} decoded {n:>8}" + (f"   shapes {shapes}" if shapes else ""))

@@ -144,8 +144,9 @@ class CorpusSizes:
         return not self.unsized
 
     def by_source(self) -> dict[str, int]:
-        """Shards per source."""
-        return dict(Counter(self.sources.values()))
+        """Shards per source, in the order the sources are tried."""
+        n = Counter(self.sources.values())
+        return {s: n[s] for s in (SIZES, STATS, COUNTED) if n[s]}
 
     def describe(self) -> str:
         """``'2,048 samples (8 shards from sizes.json)'``; unsized shards named by count."""
