@@ -75,6 +75,9 @@ RULES: list[Rule] = [
     Rule(r"python tools/make_demo_data\.py --out /tmp/tiny --num-train 16 --num-val 8 --force", "run"),
     Rule(r"python tools/make_shards\.py --manifest raw/manifest\.jsonl --out data/mycorpus .*", "run",
          needs=("manifest",), fresh=("data/mycorpus",), expect=("samples in",)),
+    # each corpus's published layout, written by its test (real media), through the same CLI flags
+    Rule(r"python tools/make_shards\.py --format (vast27m|hdvila|video2dataset|wavcaps|webvid) .*", "covered",
+         "tests/unit/data/test_ingest_formats.py::test_{1}"),
     Rule(r"python tools/split_subsets\.py --shards .*--sizes 1000000,10000000.*", H,
          "python tools/split_subsets.py --help"),  # the sizes of a 10^8-sample corpus
     Rule(r"python tools/split_subsets\.py --manifest raw/manifest\.jsonl --sizes 0\.01,0\.1,0\.5 .*", "run",

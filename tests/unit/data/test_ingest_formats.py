@@ -123,6 +123,7 @@ def test_vast27m(tmp_path: Path) -> None:
     (root / "c0.mp4").write_bytes(video(1.5))
     (root / "c1.mp4").write_bytes(video(1.0, sound=False))
     (root / "c5.mkv").write_bytes(video(1.0, fmt="mkv"))
+    (root / "-0UwVrsbr0w_000030.mp4").write_bytes(video(1.0))
     (root / "dQw4w9WgXcQ.mp4").write_bytes(video(3.0))  # the long video of c4 (no clip file)
     caps = {"vision_cap": [f"v{i}" for i in range(5)], "audio_cap": [f"a{i}" for i in range(5)],
             "subtitle": "hello there", "vast_cap": "a grey screen brightens while a tone plays"}  # fmt: skip
@@ -134,15 +135,18 @@ def test_vast27m(tmp_path: Path) -> None:
         {"clip_id": "c4", **caps, "clip_span": ["00:00:01.000", "00:00:02.000"],
          "url": "https://www.youtube.com/watch?v=dQw4w9WgXcQ"},
         {"clip_id": "c5", **caps},
+        {"video_id": "-0UwVrsbr0w_000030", "desc": ["a dog barks at a passing car", "a dog barks"]},  # VALOR
     ]  # fmt: skip
     ann = tmp_path / "vast27m_0.json"
     ann.write_text(json.dumps(entries, indent=1))
     out = tmp_path / "out"
     r = run("vast27m", [ann], out, root)
-    assert (r["records"], r["num_samples"], r["skipped"]) == (6, 4, 2)
+    assert (r["records"], r["num_samples"], r["skipped"]) == (7, 5, 2)
     assert r["skip_kinds"] == {"missing_file": 1, "bad_entry": 1}
     samples = shards(out)
-    assert list(samples) == ["c0", "c1", "c4", "c5"]
+    assert list(samples) == ["c0", "c1", "c4", "c5", "-0UwVrsbr0w_000030"]
+    valor = json.loads(samples["-0UwVrsbr0w_000030"]["json"])["captions"]
+    assert valor == {"omni": ["a dog barks at a passing car", "a dog barks"]}
     assert all(set(m) == {"mp4", "json"} for m in samples.values())
     assert samples["c0"]["mp4"] == (root / "c0.mp4").read_bytes()  # a clip file is stored as it is
     meta = json.loads(samples["c0"]["json"])
@@ -168,7 +172,7 @@ def test_vast27m(tmp_path: Path) -> None:
     c0, c4, c5 = probe(samples["c0"]["mp4"]), probe(samples["c4"]["mp4"]), probe(samples["c5"]["mp4"])
     assert c4["frames"] == 8 and c4["times"][0] == 0.0 and abs(c4["samples"] - SR) <= 1024  # 1 s cut
     assert c5["frames"] == 8 and c5["rate"] == 48000  # the MKV remuxed into MP4 (VP9 + Opus), not re-encoded
-    for key in samples:
+    for key in ["c0", "c1", "c4", "c5"]:
         out_ = decode(samples[key], key, ["video"])
         assert tuple(out_["video"].shape) == (2, 3, 32, 32)
         assert out_["fields"]["vision"] == "v0" and out_["fields"]["audio"] == "a0"  # eval: the first

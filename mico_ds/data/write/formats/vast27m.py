@@ -11,7 +11,9 @@ but the entry has ``clip_span`` and a YouTube ``url``, the span is cut from the 
 own track (stored inside the mp4); a clip without sound is kept, video only, and noted.
 
 Captions: all five vision and audio captions are kept as lists (the loader draws one per visit,
-seeded), ``subtitle`` as it is and ``vast_cap`` as ``captions.omni``.
+seeded), ``subtitle`` as it is and ``vast_cap`` as ``captions.omni``. VALOR's annotations (VALOR-32K,
+VALOR-1M: ``{"video_id", "desc"}``, the clip ``<video_id>.mp4``) read the same way, ``desc`` (one
+audio-visual caption, or a list) as ``captions.omni``.
 """
 
 from __future__ import annotations
@@ -77,6 +79,10 @@ def record(where: str, obj: Any, root: Path, source: str) -> Record:
             text = caption_text(obj.get(name), name)
             if text:
                 captions[field] = text
+        if "omni" not in captions and obj.get("desc") is not None:  # VALOR: audio-visual captions
+            desc = caption_list(obj["desc"], "desc")
+            if desc:
+                captions["omni"] = desc if len(desc) > 1 else desc[0]
         span = parse_span(obj["clip_span"]) if obj.get("clip_span") is not None else None
     except ValueError as e:
         return bad(where, key, "bad_entry", str(e), source)
