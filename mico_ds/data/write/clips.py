@@ -235,7 +235,9 @@ def _remux_mp4(path: Path) -> bytes:
     with av.open(str(path)) as src, av.open(buf, "w", format="mp4", container_options=options) as dst:
         pairs = {}
         for s in [*src.streams.video[:1], *src.streams.audio[:1]]:
-            pairs[s.index] = dst.add_stream_from_template(s)
+            # PyAV >= 13 names it add_stream_from_template; 12 takes add_stream(template=...)
+            add = getattr(dst, "add_stream_from_template", None)
+            pairs[s.index] = add(s) if add is not None else dst.add_stream(template=s)
         for packet in src.demux(list(src.streams.video[:1]) + list(src.streams.audio[:1])):
             if packet.dts is None:  # the demuxer's flush packet
                 continue
