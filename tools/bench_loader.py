@@ -320,10 +320,15 @@ def plan_case(root: Path, urls_n: int = 100_000, ranks: int = 64, workers: int =
     kept = _kept_by_sample(few_plan, few_sizes)
     assert few_plan.split_by_sample and int(kept.sum()) == sum(few_sizes.values())
     read_per_stream = sum(few_sizes.values())
+    # The same shards holding 100 samples each: a chunk (shards_per_chunk shards) then has fewer items
+    # than there are streams, and raw_chunk's rotation by the chunk index leaves some streams nothing.
+    small = _kept_by_sample(few_plan, dict.fromkeys(few_urls, 100))
     f: dict = {
         "shards": few, "split_by_sample": few_plan.split_by_sample,
         "samples_kept_per_stream": spread(kept), "samples_read_per_stream": read_per_stream,
         "kept_fraction": float(kept.mean() / read_per_stream), "read_amplification": streams,
+        "shards_of_100_samples": {"samples_kept_per_stream": spread(small),
+                                  "streams_keeping_nothing": int((small == 0).sum())},
     }  # fmt: skip
     # What it costs, on real shards: one stream reading them all to keep 1/n, against reading its share.
     rplan = StreamPlan(tuple(real), num_streams=streams, shuffle=False, shards_per_chunk=4)
@@ -334,10 +339,15 @@ def plan_case(root: Path, urls_n: int = 100_000, ranks: int = 64, workers: int =
     t0 = time.perf_counter()
     read_all = sum(1 for c, ch in enumerate(one.chunks(0, 0)) for _ in one.raw_chunk(0, c, ch))
     whole_s = time.perf_counter() - t0
+    real_kept = _kept_by_sample(rplan, dict.fromkeys(real, real_samples))
     f["measured_on_real_shards"] = {
-        "shards": real_shards, "samples": read_all, "kept_by_stream_0": got,
+        "shards": real_shards, "samples": read_all, "bytes": sum(os.path.getsize(u) for u in real),
+        "kept_by_stream_0": got, "kept_per_stream": spread(real_kept),
+        "streams_keeping_nothing": int((real_kept == 0).sum()),
         "seconds_to_read_them_all": whole_s, "seconds_for_stream_0_share": split_s,
-        "raw_samples_per_s_read": read_all / whole_s, "kept_samples_per_s": got / split_s,
+        "raw_samples_per_s_read": read_all / whole_s,
+        # what one kept sample costs a stream at the mean share (samples / streams), all shards read
+        "seconds_per_kept_sample_at_mean_share": split_s / (read_all / streams),
     }  # fmt: skip
     f["resampled"] = (
         _resampled(few_urls, streams, few_sizes, seed)

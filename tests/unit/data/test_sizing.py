@@ -184,6 +184,26 @@ def test_bench_loader_planning_case_is_consistent(tmp_path: Path) -> None:
     assert f["kept_fraction"] == pytest.approx(1 / 64)
     real = f["measured_on_real_shards"]
     assert real["samples"] == 40 and real["kept_by_stream_0"] == 1  # item (i + chunk) % 64 == 0: i = 0
+    assert real["kept_per_stream"]["sum"] == 40 and real["streams_keeping_nothing"] == 64 - 40
+    small = f["shards_of_100_samples"]
+    assert small["samples_kept_per_stream"]["sum"] == 3000 and small["streams_keeping_nothing"] == 0
     res = f["resampled"]
     if isinstance(res, dict):  # StreamPlan.resampled exists: every stream reads whole shards
         assert res["draws_per_shard"]["sum"] == 64 * res["draws_per_stream"] and res["kept_fraction"] == 1.0
+
+
+def test_bench_kept_arithmetic_is_the_plans(tmp_path: Path) -> None:
+    """_kept_by_sample (the benchmark's arithmetic) against what StreamPlan.raw_chunk really keeps:
+    8 shards of 3 samples over 16 streams, chunks of 4 shards (12 items < 16 streams)."""
+    from mico_ds.data.read.plan import StreamPlan
+
+    spec = importlib.util.spec_from_file_location("bench_loader", REPO / "tools" / "bench_loader.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    urls = [str(p) for p in small_shards(tmp_path, [3] * 8)]
+    plan = StreamPlan(tuple(urls), num_streams=16, shards_per_chunk=4, seed=3)
+    real = [
+        sum(1 for c, ch in enumerate(plan.chunks(s, 0)) for _ in plan.raw_chunk(s, c, ch)) for s in range(16)
+    ]
+    assert bench._kept_by_sample(plan, dict.fromkeys(urls, 3)).tolist() == real
+    assert sum(real) == 24  # each sample kept by one stream (at this commit 3 of the 16 keep none)
