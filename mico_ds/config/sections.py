@@ -88,7 +88,7 @@ class CorpusConfig(Section):
     """One training corpus: its shards, what it carries, its batch size and share of steps."""
 
     name: str = _f("corpus", "Corpus name (logged, and a key in checkpoints).")
-    shards: str = _f("", "Brace-expandable shard URLs or paths (relative to data.root), or pipe: commands.")
+    shards: str = _f("", "Brace-expandable paths (relative to data.root), http(s):// URLs, pipe: commands.")
     modalities: list[Modality] = _f(["image"], f"Modalities every sample must carry; subset of {MODALITIES}.")
     batch_size: int | None = _f(
         None,
@@ -106,6 +106,11 @@ class CorpusConfig(Section):
         [], "Build samples by joining one pair from each named single-pair corpus (MiCo Eq. 3)."
     )
     source_id: int = _f(0, "Row of the sampling embedding E_Sam used when this corpus is a part of a join.")
+    resampled: bool = _f(
+        False,
+        "Draw each stream's shards with replacement from all shards (OpenCLIP --dataset-resampled): for "
+        "corpora of very different sizes and elastic restarts; on a joined corpus, for all its sources.",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -185,10 +190,24 @@ class DataConfig(Section):
     shards_per_chunk: int = _f(4, "Shards a worker interleaves at once; resume replays at most one chunk.")
     max_skip_rate: float = _f(0.05, "Fraction of unreadable samples above which the run stops with an error.")
     min_samples_for_skip_rate: int = _f(200, "Samples seen before the skip-rate bound is enforced.")
+    shard_retries: int = _f(
+        3, "Further reads of a failed remote shard (http(s)://, pipe:) before it is skipped (shard_failed)."
+    )
+    shard_retry_backoff_s: float = _f(
+        1.0, "Seconds before the first retry of a failed remote shard; doubled for each next (at most 60)."
+    )
+    max_failed_shards: float = _f(
+        0.01,
+        "Failed remote shards (shard_failed) one data stream may meet in one epoch: a fraction (< 1) of its "
+        "shards per epoch, or a count (>= 1); one more stops the run, naming them.",
+    )
     limits: DecodeLimits = _section(DecodeLimits, "Caps applied before members are decoded (skip reasons).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for k in ("shard_retries", "shard_retry_backoff_s", "max_failed_shards"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"data.{k} must be >= 0, got {getattr(self, k)}")
         names = [c.name for c in self.corpora]
         for c in self.corpora:
             missing = [j for j in c.joined_from if j not in names]

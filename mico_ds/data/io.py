@@ -18,6 +18,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from mico_ds.data import schema
+from mico_ds.data.remote import open_http
 
 # Member extensions that carry each knowledge modality (first match wins when several are present).
 MODALITY_EXTS: dict[str, tuple[str, ...]] = {
@@ -43,7 +44,9 @@ def _braceexpand(pattern: str) -> list[str]:
 def expand_urls(spec: str | os.PathLike | Sequence[str | os.PathLike], root: str | None = None) -> list[str]:
     """Shard URLs of ``spec``: brace patterns (``a-{000..009}.tar``), globs, a directory (its
     ``*.tar``, sorted), a list of any of these, or several joined by ``::`` (WebDataset style).
-    Local paths are relative to ``root``; ``pipe:CMD`` URLs pass through unchanged.
+    Local paths are relative to ``root``; ``pipe:CMD`` commands and ``http(s)://`` URLs pass through
+    unchanged (they are not checked: a remote shard that fails is retried, then skipped and counted,
+    ``mico_ds.data.remote``).
 
     Raises:
         ValueError: naming the pattern when it matches nothing or a named file does not exist.
@@ -58,7 +61,7 @@ def expand_urls(spec: str | os.PathLike | Sequence[str | os.PathLike], root: str
         missing: list[str] = []
         expanded = _braceexpand(part)
         for u in expanded:
-            if u.startswith("pipe:"):
+            if u.startswith(("pipe:", "http://", "https://")):
                 urls.append(u)
                 continue
             path = u if os.path.isabs(u) or not root else os.path.join(root, u)
@@ -170,21 +173,26 @@ def _error(reason: str, url: str, detail: str) -> dict:
 
 
 def iter_tar(url: str, max_member_bytes: int = 0) -> Iterator[dict]:
-    """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one tar, in file order.
+    """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one tar (a local path, a ``pipe:CMD``
+    command or an ``http(s)://`` URL, streamed), in file order.
 
     A member larger than ``max_member_bytes`` (0: no cap) is not read: the sample lists it under
     :data:`OVERSIZED` (``{ext: size}``) instead, for the decoder to skip the sample if it needs it.
 
-    Never raises for bad data: an unreadable shard, a truncated tar or a failing ``pipe:`` command
-    yields an error marker ``{"__error__": "shard_error" | "truncated_tar", ...}`` after the samples
-    read before the damage (the sample being read when it happened is dropped). Members without an
-    extension and WebDataset metadata members (``__index__`` ...) are skipped.
+    Never raises for bad data: an unreadable shard, a truncated tar (an HTTP body shorter than its
+    Content-Length included), an HTTP error status or a failing ``pipe:`` command yields an error
+    marker ``{"__error__": "shard_error" | "truncated_tar", ...}`` after the samples read before the
+    damage (the sample being read when it happened is dropped). Members without an extension and
+    WebDataset metadata members (``__index__`` ...) are skipped. Remote shards are retried by
+    ``mico_ds.data.remote.iter_with_retries``, not here.
     """
     proc = None
     try:
         if url.startswith("pipe:"):
             proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, bufsize=1 << 20)
             stream = proc.stdout
+        elif url.startswith(("http://", "https://")):
+            stream = open_http(url)
         else:
             stream = open(url, "rb", buffering=1 << 20)  # noqa: SIM115 - closed in finally
     except OSError as e:

@@ -41,9 +41,10 @@ class CorpusLoader:
     Args:
         corpus: name, shards, modalities, batch_size of the corpus.
         inputs: decoding geometry.
-        data: root, tokenizer, text_max_len, num_workers, shuffle_buffer, shards_per_chunk and
-            the skip-rate bound.
-        seed: data-order seed (train.seed); epochs reshuffle shards with seed + epoch.
+        data: root, tokenizer, text_max_len, num_workers, shuffle_buffer, shards_per_chunk, the
+            skip-rate bound, the retries of failed remote shards and their bound.
+        seed: data-order seed (train.seed); epochs reshuffle shards with seed + epoch (a resampled
+            corpus, ``corpus.resampled``, draws each epoch's shards with replacement instead).
         tokenizer: tokenizer object or ``tokenizer.model`` path; default ``data.tokenizer``;
             ``None``/"" gives batches without ``text_ids``/``text_mask``.
         rank, world_size: default from ``mico_ds.distributed`` (RANK / WORLD_SIZE without a group).
@@ -92,6 +93,9 @@ class CorpusLoader:
             shuffle_buffer=data.shuffle_buffer if train else 0,
             shuffle=train,
             max_member_bytes=data.limits.member_bytes,
+            resampled=corpus.resampled,
+            shard_retries=data.shard_retries,
+            shard_retry_backoff_s=data.shard_retry_backoff_s,
         )
         if self.plan.split_by_sample and self.rank == 0:
             known = corpus_sizes(urls, open_missing=False)  # sizes.json / *_stats.json: never opens a tar
@@ -136,6 +140,7 @@ class CorpusLoader:
             max_skip_rate=self.data.max_skip_rate,
             min_samples_for_skip_rate=self.data.min_samples_for_skip_rate,
             limits=self.data.limits,
+            max_failed_shards=self.data.max_failed_shards,
         )
 
     def _start(self) -> Iterator[WorkerMessage]:
@@ -288,6 +293,8 @@ class EvalLoader:
             shuffle_buffer=0,
             shuffle=False,
             max_member_bytes=data.limits.member_bytes,
+            shard_retries=data.shard_retries,
+            shard_retry_backoff_s=data.shard_retry_backoff_s,
         )
         self.stats = SkipStats()
 
@@ -313,6 +320,7 @@ class EvalLoader:
             min_samples_for_skip_rate=self.data.min_samples_for_skip_rate,
             limits=self.data.limits,
             max_samples=per_worker,
+            max_failed_shards=self.data.max_failed_shards,
         )
         ds = ShardStream(spec)
         it = (

@@ -348,7 +348,11 @@ def build_corpus_loader(
     loaders = [
         CorpusLoader(
             CorpusConfig(
-                name=s.name, shards=s.shards, modalities=list(s.modalities), batch_size=corpus.batch_size
+                name=s.name,
+                shards=s.shards,
+                modalities=list(s.modalities),
+                batch_size=corpus.batch_size,
+                resampled=s.resampled or corpus.resampled,  # set on the join: all its sources' copies
             ),
             inputs,
             data,

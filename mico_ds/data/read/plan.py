@@ -4,10 +4,20 @@ Every quantity is a pure function of (seed, salt, epoch, stream, chunk), which i
 stream's position ``(epoch, chunk, items emitted in the chunk)`` enough to resume exactly.
 Shards are split over the ``world_size * workers`` streams; with fewer shards than streams every
 stream reads every shard and keeps every n-th sample.
+
+A *resampled* plan (``data.corpora[].resampled``, OpenCLIP's ``--dataset-resampled``) splits nothing:
+its "epoch" is a block of :attr:`StreamPlan.draws_per_epoch` shards each stream draws with
+replacement from all the shards, seeded by (seed, salt, epoch, stream), so positions and exact
+resume work as above while any number of streams reads any number of shards (docs/data.md,
+"Resampled streams").
+
+Remote shards (``http(s)://``, ``pipe:``) that fail are read again up to ``shard_retries`` times,
+then skipped as one ``shard_failed`` marker (``mico_ds.data.remote``).
 """
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -15,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mico_ds.data.io import iter_tar
+from mico_ds.data.remote import iter_with_retries
 
 Position = tuple[int, int, int]  # (epoch, chunk, items of the chunk already emitted)
 
@@ -54,14 +65,33 @@ class StreamPlan:
     shuffle_buffer: int = 256
     shuffle: bool = True
     max_member_bytes: int = 0  # members larger are not read (data.limits.member_bytes; 0: no cap)
+    resampled: bool = False  # each epoch: draws with replacement per stream (data.corpora[].resampled)
+    shard_retries: int = 3  # further reads of a remote shard that failed (data.shard_retries)
+    shard_retry_backoff_s: float = 1.0  # wait before the first retry, doubled each time
 
     @property
     def split_by_sample(self) -> bool:
-        """Fewer shards than streams: every stream reads every shard and keeps every n-th sample."""
-        return len(self.urls) < self.num_streams
+        """Fewer shards than streams: every stream reads every shard and keeps every n-th sample
+        (never for a resampled plan, whose streams draw shards independently)."""
+        return not self.resampled and len(self.urls) < self.num_streams
+
+    @property
+    def draws_per_epoch(self) -> int:
+        """Shards a resampled stream draws per epoch: its share of the corpus, at least one chunk."""
+        return max(max(1, self.shards_per_chunk), -(-len(self.urls) // self.num_streams))
+
+    def shards_per_epoch(self, stream: int) -> int:
+        """``len(self.epoch_shards(stream, e))`` for any epoch, without drawing the order."""
+        n = len(self.urls)
+        if self.resampled:
+            return self.draws_per_epoch
+        return n if self.split_by_sample else len(range(stream, n, self.num_streams))
 
     def epoch_shards(self, stream: int, epoch: int) -> list[str]:
         n = len(self.urls)
+        if self.resampled:
+            rng = np.random.default_rng([self.seed, self.salt, epoch, stream, 3])
+            return [self.urls[i] for i in rng.integers(n, size=self.draws_per_epoch)]
         order = np.arange(n)
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.salt, epoch, 0]).permutation(n)
@@ -75,7 +105,9 @@ class StreamPlan:
 
     def raw_chunk(self, stream: int, index: int, chunk: list[str]) -> Iterator[dict]:
         """The chunk's samples interleaved over its shards, this stream's share only."""
-        it = _round_robin([iter_tar(u, self.max_member_bytes) for u in chunk])
+        read = functools.partial(iter_tar, max_member_bytes=self.max_member_bytes)
+        retries, backoff = self.shard_retries, self.shard_retry_backoff_s
+        it = _round_robin([iter_with_retries(u, read, retries, backoff) for u in chunk])
         if not self.split_by_sample:
             yield from it
             return
@@ -107,6 +139,7 @@ class StreamPlan:
         """``((epoch, chunk, index in chunk), raw item)`` from ``start`` on; the first ``start[2]``
         items of the start chunk are read but not returned (no decoding)."""
         epoch, chunk0, skip = start
+        empty: set[str] = set()  # resampled: shards drawn since the last epoch that had an item
         while True:
             produced = False
             for c, shards in enumerate(self.chunks(stream, epoch)):
@@ -119,7 +152,16 @@ class StreamPlan:
                     yield (epoch, c, i), item
             if not infinite:
                 return
-            if not produced and chunk0 == 0 and skip == 0:
+            if self.resampled:
+                # A block of draws may hold only empty shards by chance; the corpus is empty only
+                # when the empty blocks in a row have drawn every shard.
+                empty = set() if produced else empty | set(self.epoch_shards(stream, epoch))
+                if len(empty) == len(self.urls):
+                    raise ValueError(
+                        f"stream {stream} found no samples in any of the shards {list(self.urls)} "
+                        f"(resampled: every shard drawn, each empty)"
+                    )
+            elif not produced and chunk0 == 0 and skip == 0:
                 raise ValueError(
                     f"stream {stream} found no samples in a whole epoch of shards {list(self.urls)}"
                 )

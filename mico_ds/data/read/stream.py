@@ -26,10 +26,12 @@ from mico_ds.data.read.batch import collate, eval_extras, tokenize_into
 from mico_ds.data.read.decode import SampleDecoder
 from mico_ds.data.read.plan import Position, StreamPlan
 from mico_ds.data.read.skips import DECODE_ERROR, SkipSample, SkipStats
+from mico_ds.data.remote import SHARD_FAILED
 from mico_ds.data.tokenizer import resolve_tokenizer
 
 log = logging.getLogger(__name__)
 LOGGED_DECODE_ERRORS = 3  # per worker: the first tracebacks of decode_error skips (a bug shows there)
+NAMED_FAILED_SHARDS = 10  # failed shards the max_failed_shards error names (then "and N more")
 
 
 @dataclass
@@ -44,7 +46,8 @@ class WorkerMessage:
             of a finite stream) or an error.
         fields: the per-sample caption fields of the batch (by ``schema.CAPTION_FIELDS``), which a
             join merges field by field.
-        error: a fatal error (the skip-rate bound): the main process raises it, the workers stop.
+        error: a fatal error (the skip-rate bound, the failed-shard bound): the main process raises
+            it, the workers stop.
     """
 
     stream: int
@@ -83,6 +86,26 @@ class StreamSpec:
     min_samples_for_skip_rate: int = 0
     max_samples: int | None = None  # per logical stream (eval)
     limits: DecodeLimits | None = None  # data.limits (None: its defaults)
+    max_failed_shards: float = 0.01  # data.max_failed_shards: per stream and epoch, see failed_shard_limit
+
+
+def failed_shard_limit(max_failed_shards: float, shards_per_epoch: int) -> float:
+    """Failed shards one stream may meet in one epoch: a fraction (< 1) of its shards per epoch, or a
+    count (>= 1). One more stops the run."""
+    return max_failed_shards * shards_per_epoch if max_failed_shards < 1 else max_failed_shards
+
+
+def failed_shards_error(
+    corpus: str, stream: int, epoch: int, failed: list[str], bound: float, limit: float, per_epoch: int
+) -> str:
+    """The error that stops a run past ``data.max_failed_shards``: every failed shard named."""
+    named = "; ".join(failed[:NAMED_FAILED_SHARDS])
+    more = f"; and {len(failed) - NAMED_FAILED_SHARDS} more" if len(failed) > NAMED_FAILED_SHARDS else ""
+    return (
+        f"corpus {corpus!r}: {len(failed)} shards failed in epoch {epoch} of data stream {stream}, more "
+        f"than data.max_failed_shards={bound:g} allows ({limit:g} of its {per_epoch} shards per epoch): "
+        f"{named}{more}"
+    )
 
 
 class ShardStream(IterableDataset):
@@ -112,6 +135,10 @@ class ShardStream(IterableDataset):
         modalities = decoder.modalities
         taken = 0
         logged = 0
+        per_epoch = sp.plan.shards_per_epoch(stream)
+        fail_limit = failed_shard_limit(sp.max_failed_shards, per_epoch)
+        failed: list[str] = []  # "URL (detail)" of the shards that failed in epoch failed_epoch
+        failed_epoch = pos[0]
 
         def emit() -> WorkerMessage:
             if _worker_fault(sp.rank, taken // max(1, sp.batch_size) + 1):
@@ -127,6 +154,17 @@ class ShardStream(IterableDataset):
             local.seen += 1
             reason = item.get("__error__")
             detail = ""
+            if reason == SHARD_FAILED:  # a remote shard that failed on every attempt
+                detail = item["__detail__"]
+                if e != failed_epoch:
+                    failed, failed_epoch = [], e
+                failed.append(f"{item['__url__']} ({detail})")
+                if len(failed) > fail_limit:
+                    err = failed_shards_error(
+                        sp.corpus, stream, e, failed, sp.max_failed_shards, fail_limit, per_epoch
+                    )
+                    yield WorkerMessage(j, error=err)  # the main process raises it, as for the skip rate
+                    return
             if reason is None:
                 rng = (
                     np.random.default_rng([sp.plan.seed, sp.plan.salt, e, stream, c, i, 2])
