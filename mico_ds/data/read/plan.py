@@ -156,10 +156,10 @@ class StreamPlan:
                 # A block of draws may hold only empty shards by chance; the corpus is empty only
                 # when the empty blocks in a row have drawn every shard.
                 empty = set() if produced else empty | set(self.epoch_shards(stream, epoch))
-                if len(empty) == len(self.urls):
+                if len(empty) == len(set(self.urls)):
                     raise ValueError(
-                        f"stream {stream} found no samples in any of the shards {list(self.urls)} "
-                        f"(resampled: every shard drawn, each empty)"
+                        f"stream {stream} found no samples in any of the {len(empty)} shards, e.g. "
+                        f"{list(self.urls[:3])} (resampled: every shard drawn, each empty)"
                     )
             elif not produced and chunk0 == 0 and skip == 0:
                 raise ValueError(
