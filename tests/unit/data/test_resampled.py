@@ -109,7 +109,7 @@ def test_a_resampled_corpus_of_empty_shards_raises(tmp_path: Path) -> None:
         write_tar(tmp_path / f"e-{s}.tar", [])
     urls = tuple(str(tmp_path / f"e-{s}.tar") for s in range(3))
     plan = StreamPlan(urls, num_streams=2, shards_per_chunk=1, resampled=True)
-    with pytest.raises(ValueError, match="no samples in any of the shards.*every shard drawn"):
+    with pytest.raises(ValueError, match="no samples in any of the 3 shards.*every shard drawn"):
         next(plan.items(0, (0, 0, 0), infinite=True))
 
 
