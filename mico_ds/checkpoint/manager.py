@@ -404,9 +404,11 @@ class CheckpointManager:
         return [str(p) for p in problems], said
 
     def _check_compatible(self, meta: dict[str, Any], new: dict[str, Any], allow: bool) -> None:
-        from mico_ds.config import config_from_dict
+        from mico_ds.config import config_from_dict, to_dict
 
-        old = meta["config"]
+        # Through the parser (strict: the old config must still parse), so that a key added since the
+        # checkpoint was written compares as its default, not as a change.
+        old = to_dict(config_from_dict(meta["config"]))
         diffs = [k for k in EXACTNESS_KEYS if _get(old, k) != _get(new, k)]
         if meta["world_size"] != self.world:
             diffs.append(f"world_size ({meta['world_size']} -> {self.world})")
@@ -418,7 +420,6 @@ class CheckpointManager:
             )
         if diffs and self.rank == 0:
             log.warning("resuming with changed %s: the data order is not the uninterrupted run's", diffs)
-        config_from_dict(old)  # the old config must still parse (strict)
 
 
 # ----------------------------------------------------------------------------- test hook
