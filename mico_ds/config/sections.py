@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mico_ds.data.schema import MODALITIES, Modality
+from mico_ds.data.schema import CAPTION_FIELDS, MODALITIES, TEXT_FIELDS, Modality
 
 
 def _f(default: Any, help: str) -> Any:
@@ -111,11 +111,22 @@ class CorpusConfig(Section):
         "Draw each stream's shards with replacement from all shards (OpenCLIP --dataset-resampled): for "
         "corpora of very different sizes and elastic restarts; on a joined corpus, for all its sources.",
     )
+    caption_fields: list[str] = _f(
+        list(CAPTION_FIELDS),
+        f"Caption fields of the json joined into the text (MiCo Eq. 2), in the order {list(TEXT_FIELDS)}; "
+        "['omni'] trains on the omni caption (VAST-27M vast_cap, VALOR desc) instead.",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.batch_size is None and self.global_batch_size is None:
             self.batch_size = 8
+        bad = [f for f in self.caption_fields if f not in TEXT_FIELDS]
+        if bad or not self.caption_fields:
+            raise ValueError(
+                f"data.corpora[{self.name}].caption_fields={self.caption_fields}: each must be one of "
+                f"{list(TEXT_FIELDS)}, at least one"
+            )
         for k in ("batch_size", "global_batch_size"):
             v = getattr(self, k)
             if v is not None and v < 1:

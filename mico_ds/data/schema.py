@@ -37,6 +37,11 @@ MODALITY_ID: dict[str, int] = {m: i for i, m in enumerate(MODALITIES)}
 
 # Caption fields of a sample's ``json`` member, in the order they are concatenated (Eq. 2).
 CAPTION_FIELDS: tuple[str, ...] = ("vision", "audio", "subtitle", "depth")
+# A caption of the whole sample written by a captioner that saw every modality (VAST-27M's
+# ``vast_cap``, VALOR's ``desc``); a corpus uses it only when its ``caption_fields`` name it.
+OMNI_FIELD = "omni"
+# Every caption field a json may carry, in concatenation order; CAPTION_FIELDS are the default text.
+TEXT_FIELDS: tuple[str, ...] = (*CAPTION_FIELDS, OMNI_FIELD)
 # Separator placed between concatenated captions.
 CAPTION_SEP = " ; "
 

@@ -70,8 +70,8 @@ def eval_extras(item: dict, fields: dict[str, str]) -> dict:
     caps = meta.get("captions") if isinstance(meta, dict) else None
     alts: dict[str, list[str]] = {}
     if isinstance(caps, dict):
-        for f in schema.CAPTION_FIELDS:
-            v = caps.get(f)
+        for f in schema.TEXT_FIELDS:
+            v = caps.get(f) if f in fields else None  # only the fields the text is made of
             if isinstance(v, list):
                 v = [x.strip() for x in v if is_caption(x)]
                 if v:

@@ -66,11 +66,12 @@ def caption_fields(
     sample: Mapping[str, object],
     rng: np.random.Generator | None = None,
     limits: DecodeLimits | None = None,
+    wanted: Sequence[str] = schema.CAPTION_FIELDS,
 ) -> dict[str, str]:
-    """Captions by field (schema.CAPTION_FIELDS) from the ``json`` member, plus ``txt`` as the vision
-    caption (img2dataset / OpenCLIP shards). A field holding a list of captions yields one of them:
-    random in training (``rng`` given), the first otherwise. Values that are not captions
-    (:func:`is_caption`) are ignored."""
+    """Captions by field (the ``wanted`` ones of schema.TEXT_FIELDS) from the ``json`` member, plus
+    ``txt`` as the vision caption (img2dataset / OpenCLIP shards). A field holding a list of captions
+    yields one of them: random in training (``rng`` given), the first otherwise. Values that are not
+    captions (:func:`is_caption`) are ignored."""
     lim = L.resolve(limits)
     for ext in (schema.JSON_EXT, schema.TXT_EXT):
         raw = sample.get(ext)
@@ -88,7 +89,9 @@ def caption_fields(
         caps = meta.get("captions") or {}
         if not isinstance(caps, dict):
             raise SkipSample("bad_json", f"captions is {type(caps).__name__}, not an object")
-        for field in schema.CAPTION_FIELDS:
+        for field in schema.TEXT_FIELDS:
+            if field not in wanted:
+                continue
             v = caps.get(field)
             if isinstance(v, list):
                 v = [x for x in v if is_caption(x)]
@@ -96,7 +99,7 @@ def caption_fields(
             if is_caption(v):
                 out[field] = v.strip()
     txt = sample.get(schema.TXT_EXT)
-    if txt is not None and "vision" not in out:
+    if txt is not None and "vision" in wanted and "vision" not in out:
         try:
             t = txt.decode("utf-8").strip() if isinstance(txt, bytes) else str(txt).strip()
         except UnicodeDecodeError as e:
@@ -108,7 +111,7 @@ def caption_fields(
 
 def join_captions(fields: Mapping[str, str]) -> str:
     """Captions of a sample concatenated in schema order with the separator (MiCo Eq. 2)."""
-    return schema.CAPTION_SEP.join(fields[f] for f in schema.CAPTION_FIELDS if fields.get(f))
+    return schema.CAPTION_SEP.join(fields[f] for f in schema.TEXT_FIELDS if fields.get(f))
 
 
 # ----------------------------------------------------------------------------- whole samples
@@ -131,6 +134,7 @@ class SampleDecoder:
         train: bool,
         require_caption: bool = True,
         limits: DecodeLimits | None = None,
+        caption_fields: Sequence[str] = schema.CAPTION_FIELDS,
     ) -> None:
         bad = [m for m in modalities if m not in schema.MODALITIES]
         if bad:
@@ -141,6 +145,7 @@ class SampleDecoder:
         self.train = train
         self.require_caption = require_caption
         self.limits = L.resolve(limits)
+        self.caption_fields = tuple(caption_fields)
 
     def _check_sizes(self, sample: Mapping[str, object], used: list[str]) -> None:
         """The member-size cap on every member the sample uses, those ``iter_tar`` left unread first."""
@@ -166,13 +171,13 @@ class SampleDecoder:
             used += frame_members(names) if name == FRAMES else [name]
         self._check_sizes(sample, used)
         try:
-            fields = caption_fields(sample, rng if self.train else None, self.limits)
+            fields = caption_fields(sample, rng if self.train else None, self.limits, self.caption_fields)
         except SkipSample:
             raise
         except Exception as e:
             raise SkipSample(DECODE_ERROR, f"captions: {type(e).__name__}: {e}") from e
         if self.require_caption and not fields:
-            raise SkipSample("missing_caption", "no json captions and no txt")
+            raise SkipSample("missing_caption", f"none of the caption fields {list(self.caption_fields)}")
         out: dict = {"key": str(sample.get("__key__", "")), "fields": fields}
         crop: Crop | None = None
         for m in self.modalities:

@@ -141,6 +141,7 @@ class CorpusLoader:
             min_samples_for_skip_rate=self.data.min_samples_for_skip_rate,
             limits=self.data.limits,
             max_failed_shards=self.data.max_failed_shards,
+            caption_fields=tuple(self.corpus.caption_fields),
         )
 
     def _start(self) -> Iterator[WorkerMessage]:

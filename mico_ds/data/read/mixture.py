@@ -187,7 +187,7 @@ class JoinedLoader:
         fields = []
         for b in range(n):
             merged: dict[str, str] = {}
-            for f in schema.CAPTION_FIELDS:
+            for f in schema.TEXT_FIELDS:
                 texts = [pf[b][f] for pf in part_fields if pf[b].get(f)]
                 if texts:
                     merged[f] = schema.CAPTION_SEP.join(texts)
@@ -353,6 +353,7 @@ def build_corpus_loader(
                 modalities=list(s.modalities),
                 batch_size=corpus.batch_size,
                 resampled=s.resampled or corpus.resampled,  # set on the join: all its sources' copies
+                caption_fields=list(s.caption_fields),
             ),
             inputs,
             data,

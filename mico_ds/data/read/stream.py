@@ -87,6 +87,7 @@ class StreamSpec:
     max_samples: int | None = None  # per logical stream (eval)
     limits: DecodeLimits | None = None  # data.limits (None: its defaults)
     max_failed_shards: float = 0.01  # data.max_failed_shards: per stream and epoch, see failed_shard_limit
+    caption_fields: tuple[str, ...] = schema.CAPTION_FIELDS  # data.corpora[].caption_fields
 
 
 def failed_shard_limit(max_failed_shards: float, shards_per_epoch: int) -> float:
@@ -126,7 +127,9 @@ class ShardStream(IterableDataset):
         sp = self.spec
         j = self.logical_stream()
         stream = sp.rank * sp.workers + j
-        decoder = SampleDecoder(sp.modalities, sp.inputs, sp.train, limits=sp.limits)
+        decoder = SampleDecoder(
+            sp.modalities, sp.inputs, sp.train, limits=sp.limits, caption_fields=sp.caption_fields
+        )
         tokenizer = resolve_tokenizer(sp.tokenizer)
         stats = SkipStats()  # since the previous message (shipped as increments)
         local = SkipStats()  # since this worker started (for its own bound check)

@@ -96,10 +96,10 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
             caps = obj.get("captions", {})
             if not isinstance(caps, dict) or not all(isinstance(v, str) for v in caps.values()):
                 raise ManifestError(f"{where}captions must be an object of strings, got {caps!r}")
-            bad = sorted(set(caps) - set(schema.CAPTION_FIELDS))
+            bad = sorted(set(caps) - set(schema.TEXT_FIELDS))
             if bad:
                 raise ManifestError(
-                    f"{where}unknown caption field(s) {bad}; allowed: {list(schema.CAPTION_FIELDS)}"
+                    f"{where}unknown caption field(s) {bad}; allowed: {list(schema.TEXT_FIELDS)}"
                 )
             entry.captions = dict(caps)
             for name in ("category", "source"):
