@@ -89,7 +89,8 @@ def _video_with_audio(frames: np.ndarray, fps: int = 8, rate: int = 16000) -> by
 @functools.cache
 def seeds() -> dict[str, Seed]:
     """The seed of every kind: image jpg/png/webp, video mp4 (H.264 + AAC)/webm/gif/frames, depth
-    png/npy, normal png, audio flac/wav/mp3, json, txt, and an omni shard tar."""
+    png/npy, normal png, audio flac/wav/mp3 and the AAC track of an mp4, json, txt, and an omni shard
+    tar."""
     from PIL import Image
 
     from mico_ds.data.write import media
@@ -112,6 +113,7 @@ def seeds() -> dict[str, Seed]:
         "image_png": ("image", "png", media.encode_png(rgb)),
         "image_webp": ("image", "webp", webp.getvalue()),
         "video_mp4": ("video", "mp4", _video_with_audio(frames)),
+        "audio_track": ("audio", "mp4", _video_with_audio(frames)),  # audio read from a video's track
         "video_webm": ("video", "webm", media.encode_video(frames, 8, "webm")),
         "video_gif": ("video", "gif", media.encode_video(frames, 8, "gif")),
         "video_frames": ("video", "frame0.jpg", media.encode_jpeg(frames[0])),
