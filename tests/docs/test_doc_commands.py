@@ -84,6 +84,9 @@ RULES: list[Rule] = [
          needs=("manifest",), fresh=("subsets",)),
     Rule(r"python tools/inspect_shards\.py 'data/mycorpus/mycorpus-\*\.tar' --json", "run",
          needs=("mycorpus",)),
+    Rule(r"python tools/index_shards\.py 'data/mycorpus/mycorpus-\*\.tar' --force", "run",
+         needs=("mycorpus",), expect=("counted",)),
+    Rule(r"python tools/index_shards\.py /data/\S+ .*", H, "python tools/index_shards.py --help"),  # no data
     Rule(r"python tools/fuzz_decoders\.py --seconds 300 --json fuzz\.json", H,  # five minutes
          "python tools/fuzz_decoders.py --examples 32 --json fuzz.json", expect=("0 crashes",)),
     Rule(r"MICO_FUZZ_PROFILE=long MICO_FUZZ_EXAMPLES=1000 python -m pytest (tests/\S+) -q", "covered", "{1}"),
