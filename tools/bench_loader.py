@@ -217,15 +217,13 @@ def _per_stream(plan, sizes: dict[str, int], epoch: int = 0) -> tuple[list[int],
 
 
 def _kept_by_sample(plan, sizes: dict[str, int], epoch: int = 0) -> np.ndarray:
-    """Samples each stream keeps when every stream reads every shard (``plan.split_by_sample``): the
-    arithmetic of ``StreamPlan.raw_chunk``, item i of chunk c kept by stream (i + c) % n."""
+    """Samples each stream keeps in ``epoch`` when every stream reads every shard
+    (``plan.split_by_sample``): the arithmetic of ``StreamPlan.raw_chunk``, the run-wide item g kept
+    by stream g % n, the epoch's items starting at ``epoch`` x (items per epoch)."""
     n = plan.num_streams
-    kept = np.zeros(n, np.int64)
-    streams = np.arange(n)
-    for c, chunk in enumerate(plan.chunks(0, epoch)):  # every stream has the same chunks
-        items = sum(sizes[u] for u in chunk)
-        kept += items // n + (((streams - c) % n) < items % n)
-    return kept
+    total = sum(sizes[u] for u in plan.epoch_shards(0, epoch))
+    first = epoch * total % n
+    return total // n + ((np.arange(n) - first) % n < total % n).astype(np.int64)
 
 
 def _resampled(urls: list[str], streams: int, sizes: dict[str, int], seed: int) -> dict:
@@ -321,7 +319,7 @@ def plan_case(root: Path, urls_n: int = 100_000, ranks: int = 64, workers: int =
     assert few_plan.split_by_sample and int(kept.sum()) == sum(few_sizes.values())
     read_per_stream = sum(few_sizes.values())
     # The same shards holding 100 samples each: a chunk (shards_per_chunk shards) then has fewer items
-    # than there are streams, and raw_chunk's rotation by the chunk index leaves some streams nothing.
+    # than there are streams; the run-wide index (StreamPlan.raw_chunk) still spreads them evenly.
     small = _kept_by_sample(few_plan, dict.fromkeys(few_urls, 100))
     f: dict = {
         "shards": few, "split_by_sample": few_plan.split_by_sample,
@@ -333,11 +331,11 @@ def plan_case(root: Path, urls_n: int = 100_000, ranks: int = 64, workers: int =
     # What it costs, on real shards: one stream reading them all to keep 1/n, against reading its share.
     rplan = StreamPlan(tuple(real), num_streams=streams, shuffle=False, shards_per_chunk=4)
     t0 = time.perf_counter()
-    got = sum(1 for c, ch in enumerate(rplan.chunks(0, 0)) for _ in rplan.raw_chunk(0, c, ch))
+    got = sum(1 for _ in rplan.items(0, (0, 0, 0), infinite=False))
     split_s = time.perf_counter() - t0
     one = StreamPlan(tuple(real), num_streams=1, shuffle=False, shards_per_chunk=4)
     t0 = time.perf_counter()
-    read_all = sum(1 for c, ch in enumerate(one.chunks(0, 0)) for _ in one.raw_chunk(0, c, ch))
+    read_all = sum(1 for _ in one.items(0, (0, 0, 0), infinite=False))
     whole_s = time.perf_counter() - t0
     real_kept = _kept_by_sample(rplan, dict.fromkeys(real, real_samples))
     f["measured_on_real_shards"] = {

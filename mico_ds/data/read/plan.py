@@ -103,19 +103,42 @@ class StreamPlan:
         k = max(1, self.shards_per_chunk)
         return [shards[i : i + k] for i in range(0, len(shards), k)]
 
-    def raw_chunk(self, stream: int, index: int, chunk: list[str]) -> Iterator[dict]:
-        """The chunk's samples interleaved over its shards, this stream's share only."""
-        read = functools.partial(iter_tar, max_member_bytes=self.max_member_bytes)
+    def _read(self, chunk: list[str]) -> Iterator[dict]:
+        open_tar = functools.partial(iter_tar, max_member_bytes=self.max_member_bytes)
         retries, backoff = self.shard_retries, self.shard_retry_backoff_s
-        it = _round_robin([iter_with_retries(u, read, retries, backoff) for u in chunk])
-        if not self.split_by_sample:
-            yield from it
-            return
-        for i, item in enumerate(it):
-            # Every stream sees the same sequence and keeps every n-th item; rotating the start by
-            # the chunk index spreads the remainders of short chunks over the streams.
-            if (i + index) % self.num_streams == stream:
+        return _round_robin([iter_with_retries(u, open_tar, retries, backoff) for u in chunk])
+
+    def raw_chunk(
+        self, stream: int, index: int, chunk: list[str], base: int = 0, read: list[int] | None = None
+    ) -> Iterator[dict]:
+        """The chunk's samples interleaved over its shards, this stream's share only; ``read[0]``, if
+        given, counts every sample read, kept or not.
+
+        Split by sample, every stream sees the same sequence and keeps the items whose run-wide index
+        ``base + i`` (``base``: the items of the epochs and chunks before this one, see
+        :meth:`split_base`) is ``stream`` modulo the stream count: each stream keeps its exact share of
+        the run, and a corpus smaller than the stream count still reaches every stream in turn.
+        """
+        split = self.split_by_sample
+        for i, item in enumerate(self._read(chunk)):
+            if read is not None:
+                read[0] += 1
+            if not split or (base + i) % self.num_streams == stream:
                 yield item
+
+    def split_base(self, stream: int, epoch: int, chunk: int) -> int:
+        """Split by sample: the run-wide index of the first item of ``chunk`` of ``epoch``. Resuming
+        past the run's first chunk reads (without decoding) the chunks before it, which a stream in
+        this mode reads every epoch anyway; a shard's item count is the same in every epoch."""
+        if not self.split_by_sample or (epoch == 0 and chunk == 0):
+            return 0
+        counts: dict[str, int] = {}
+        for u in self.urls:
+            if u not in counts:
+                counts[u] = sum(1 for _ in self._read([u]))
+        per_epoch = sum(counts[u] for u in self.epoch_shards(stream, epoch))
+        before = self.chunks(stream, epoch)[:chunk]
+        return epoch * per_epoch + sum(counts[u] for c in before for u in c)
 
     def shuffled(self, raw: Iterable[dict], stream: int, epoch: int, chunk: int) -> Iterator[dict]:
         """A seeded shuffle buffer over one chunk, flushed at its end (so chunks are independent)."""
@@ -140,18 +163,22 @@ class StreamPlan:
         items of the start chunk are read but not returned (no decoding)."""
         epoch, chunk0, skip = start
         empty: set[str] = set()  # resampled: shards drawn since the last epoch that had an item
+        base = self.split_base(stream, epoch, chunk0)
         while True:
-            produced = False
+            read = [0]  # samples read this epoch, kept or not: a stream may keep none of a small corpus
             for c, shards in enumerate(self.chunks(stream, epoch)):
                 if c < chunk0:
                     continue
-                for i, item in enumerate(self.shuffled(self.raw_chunk(stream, c, shards), stream, epoch, c)):
-                    produced = True
+                before = read[0]
+                raw = self.raw_chunk(stream, c, shards, base, read)
+                for i, item in enumerate(self.shuffled(raw, stream, epoch, c)):
                     if c == chunk0 and i < skip:
                         continue
                     yield (epoch, c, i), item
+                base += read[0] - before
             if not infinite:
                 return
+            produced = read[0] > 0
             if self.resampled:
                 # A block of draws may hold only empty shards by chance; the corpus is empty only
                 # when the empty blocks in a row have drawn every shard.

@@ -234,6 +234,35 @@ def test_fewer_shards_than_streams_splits_by_sample(tmp_path: Path) -> None:
     assert all(len(ks) >= 2 for ks in per_stream)
 
 
+def test_split_by_sample_is_exactly_balanced_over_the_run_and_resumes(tmp_path: Path) -> None:
+    """8 shards of 3 over 16 streams, 4 shards a chunk (12 items a chunk): every epoch each item goes
+    to one stream and each stream keeps 1 or 2 (a rotation by the chunk index left 3 with none, which
+    stopped the run). 4 shards (12 items) over 16 streams: streams 12-15 keep nothing in epoch 0 and
+    are fed in epoch 1 instead of failing. A stream resumed at any chunk keeps what it kept."""
+    for s in range(8):
+        write_tar(tmp_path / f"s-{s}.tar", [(f"k{s}_{i}", {"txt": b"c"}) for i in range(3)])
+    urls = tuple(expand_urls("s-{0..7}.tar", str(tmp_path)))
+    plan = StreamPlan(urls, num_streams=16, seed=3, shuffle_buffer=0, shards_per_chunk=4)
+
+    def keys(p: StreamPlan, s: int, start: tuple, n: int | None = None) -> list[tuple]:
+        it = p.items(s, start, infinite=n is not None)
+        return [(pos, item["__key__"]) for pos, item in (it if n is None else (next(it) for _ in range(n)))]
+
+    for epoch in range(3):
+        per = [keys(plan, s, (epoch, 0, 0)) for s in range(16)]
+        assert sorted(k for ks in per for _, k in ks) == sorted(
+            f"k{s}_{i}" for s in range(8) for i in range(3)
+        )
+        assert sorted(len(ks) for ks in per) == [1] * 8 + [2] * 8
+    run = keys(plan, 5, (0, 0, 0), n=6)
+    for j, (pos, _) in enumerate(run):
+        assert keys(plan, 5, pos, n=len(run) - j) == run[j:]  # resumed at (epoch, chunk, emitted)
+    small = StreamPlan(urls[:4], num_streams=16, seed=3, shuffle_buffer=0, shards_per_chunk=4)
+    assert keys(small, 13, (0, 0, 0)) == []
+    (pos, key), *_ = keys(small, 13, (0, 0, 0), n=1)  # no 'found no samples' error: epoch 1 feeds it
+    assert pos[0] == 1 and keys(small, 13, pos, n=1) == [(pos, key)]
+
+
 def test_fewer_shards_than_ranks_x_workers_loader_works(demo: Path, caplog: pytest.LogCaptureFixture) -> None:
     corpus = CorpusConfig(name="val", shards="omni/val-*.tar", modalities=["image"], batch_size=2)
     seen = []

@@ -202,8 +202,7 @@ def test_bench_kept_arithmetic_is_the_plans(tmp_path: Path) -> None:
     spec.loader.exec_module(bench)
     urls = [str(p) for p in small_shards(tmp_path, [3] * 8)]
     plan = StreamPlan(tuple(urls), num_streams=16, shards_per_chunk=4, seed=3)
-    real = [
-        sum(1 for c, ch in enumerate(plan.chunks(s, 0)) for _ in plan.raw_chunk(s, c, ch)) for s in range(16)
-    ]
-    assert bench._kept_by_sample(plan, dict.fromkeys(urls, 3)).tolist() == real
-    assert sum(real) == 24  # each sample kept by one stream (at this commit 3 of the 16 keep none)
+    for epoch in (0, 1):
+        real = [sum(1 for _ in plan.items(s, (epoch, 0, 0), infinite=False)) for s in range(16)]
+        assert bench._kept_by_sample(plan, dict.fromkeys(urls, 3), epoch).tolist() == real
+    assert sum(real) == 24  # each sample kept by exactly one stream
