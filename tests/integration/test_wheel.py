@@ -22,7 +22,7 @@ from tests.helpers.train import REPO
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 CONSOLE_SCRIPTS = ("mico-train", "mico-eval", "mico-plan", "mico-zero-to-fp32", "mico-to-universal",
                    "mico-make-shards", "mico-make-demo-data", "mico-split-subsets", "mico-inspect-shards",
-                   "mico-train-tokenizer")  # fmt: skip
+                   "mico-index-shards", "mico-train-tokenizer")  # fmt: skip
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 600):
