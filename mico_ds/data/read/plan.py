@@ -95,8 +95,9 @@ class StreamPlan:
         order = np.arange(n)
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.salt, epoch, 0]).permutation(n)
-        urls = [self.urls[i] for i in order]
-        return urls if self.split_by_sample else urls[stream :: self.num_streams]
+        if not self.split_by_sample:
+            order = order[stream :: self.num_streams]  # map only this stream's share to URLs
+        return [self.urls[i] for i in order]
 
     def chunks(self, stream: int, epoch: int) -> list[list[str]]:
         shards = self.epoch_shards(stream, epoch)
