@@ -83,6 +83,12 @@ class InputConfig(Section):
     train_crop_scale: list[float] = _f([0.9, 1.0], "RandomResizedCrop area scale for training images/frames.")
 
 
+def check_caption_fields(key: str, fields: list[str]) -> None:
+    """Raises ValueError naming ``key`` unless ``fields`` is a non-empty list of schema.TEXT_FIELDS."""
+    if not fields or any(f not in TEXT_FIELDS for f in fields):
+        raise ValueError(f"{key}={fields}: each must be one of {list(TEXT_FIELDS)}, at least one")
+
+
 @dataclass
 class CorpusConfig(Section):
     """One training corpus: its shards, what it carries, its batch size and share of steps."""
@@ -121,12 +127,7 @@ class CorpusConfig(Section):
         super().__post_init__()
         if self.batch_size is None and self.global_batch_size is None:
             self.batch_size = 8
-        bad = [f for f in self.caption_fields if f not in TEXT_FIELDS]
-        if bad or not self.caption_fields:
-            raise ValueError(
-                f"data.corpora[{self.name}].caption_fields={self.caption_fields}: each must be one of "
-                f"{list(TEXT_FIELDS)}, at least one"
-            )
+        check_caption_fields(f"data.corpora[{self.name}].caption_fields", self.caption_fields)
         for k in ("batch_size", "global_batch_size"):
             v = getattr(self, k)
             if v is not None and v < 1:
@@ -192,6 +193,11 @@ class DataConfig(Section):
     corpora: list[CorpusConfig] = _f([], "Training corpora, mixed step by step by a seeded schedule.")
     val_shards: str | None = _f(None, "Held-out shards for in-training retrieval evaluation.")
     val_modalities: list[Modality] = _f(["image"], "Modalities of the held-out samples used for evaluation.")
+    val_caption_fields: list[str] = _f(
+        list(CAPTION_FIELDS),
+        "Caption fields of the held-out samples' texts (as data.corpora[].caption_fields; [omni] for "
+        "VAST-27M's vast_cap or VALOR's desc).",
+    )
     tokenizer: str = _f(
         "", "SentencePiece tokenizer.model (Llama-2's, or one trained by tools/train_tokenizer.py)."
     )
@@ -219,6 +225,7 @@ class DataConfig(Section):
         for k in ("shard_retries", "shard_retry_backoff_s", "max_failed_shards"):
             if getattr(self, k) < 0:
                 raise ValueError(f"data.{k} must be >= 0, got {getattr(self, k)}")
+        check_caption_fields("data.val_caption_fields", self.val_caption_fields)
         names = [c.name for c in self.corpora]
         for c in self.corpora:
             missing = [j for j in c.joined_from if j not in names]

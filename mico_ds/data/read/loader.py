@@ -259,6 +259,7 @@ class EvalLoader:
         modalities: modalities every sample must carry.
         batch_size: per-rank batch size.
         max_samples: at most this many samples on this rank (split over its workers).
+        caption_fields: the caption fields of the texts (default ``data.val_caption_fields``).
         Others as :class:`CorpusLoader`.
     """
 
@@ -276,8 +277,10 @@ class EvalLoader:
         num_workers: int = 0,
         max_samples: int | None = None,
         name: str = "val",
+        caption_fields: Sequence[str] | None = None,
     ) -> None:
         self.name = name
+        self.caption_fields = tuple(data.val_caption_fields if caption_fields is None else caption_fields)
         self.modalities = tuple(modalities)
         self.inputs, self.data = inputs, data
         self.batch_size = batch_size
@@ -322,6 +325,7 @@ class EvalLoader:
             limits=self.data.limits,
             max_samples=per_worker,
             max_failed_shards=self.data.max_failed_shards,
+            caption_fields=self.caption_fields,
         )
         ds = ShardStream(spec)
         it = (

@@ -12,7 +12,7 @@ import pytest
 from mico_ds.config import CorpusConfig, load_config
 from mico_ds.data import schema
 from mico_ds.data.read.decode import SampleDecoder
-from mico_ds.data.read.loader import CorpusLoader
+from mico_ds.data.read.loader import CorpusLoader, EvalLoader
 from mico_ds.data.write import media
 from tests.unit.data.test_pipeline import INP, data_cfg, write_tar
 
@@ -75,6 +75,27 @@ def test_corpus_loader_trains_on_the_omni_caption(tmp_path: Path, jpg: bytes) ->
     assert sorted(b[schema.CAPTIONS]) == [f"omni caption {i}" for i in range(4)]
 
 
+def test_eval_loader_takes_data_val_caption_fields(tmp_path: Path, jpg: bytes) -> None:
+    write_tar(tmp_path / "val-000000.tar", [
+        (f"v{i}", {"jpg": jpg, "json": json.dumps({"captions": dict(CAPS, omni=f"omni {i}")}).encode()})
+        for i in range(3)
+    ] + [("only_vision", {"jpg": jpg, "json": b'{"captions": {"vision": "x"}}'})])  # fmt: skip
+    data = data_cfg(tmp_path, tokenizer="", val_caption_fields=["omni"])
+    ev = EvalLoader(
+        "val-000000.tar", ["image"], INP, data, batch_size=8, tokenizer=None, rank=0, world_size=1
+    )
+    (b,) = list(ev)
+    assert b[schema.CAPTIONS] == ["omni 0", "omni 1", "omni 2"] and b[schema.EVAL_TEXTS] == [
+        ["omni 0"],
+        ["omni 1"],
+        ["omni 2"],
+    ]
+    assert ev.skip_stats()["skipped"] == {"missing_caption": 1}
+    default = EvalLoader("val-000000.tar", ["image"], INP, data_cfg(tmp_path, tokenizer=""), batch_size=8,
+                         tokenizer=None, rank=0, world_size=1)  # fmt: skip
+    assert next(iter(default))[schema.CAPTIONS][0] == "a dog runs ; a dog barks ; good boy"
+
+
 def test_eval_texts_take_caption_alternatives_of_the_selected_fields_only(jpg: bytes) -> None:
     from mico_ds.data.read.batch import eval_extras
 
@@ -93,5 +114,7 @@ def test_caption_fields_are_checked_and_reach_the_config() -> None:
         CorpusConfig(name="x", caption_fields=["vison"])
     with pytest.raises(ValueError, match="at least one"):
         CorpusConfig(name="x", caption_fields=[])
-    cfg = load_config("debug", ["data.corpora.0.caption_fields=[omni]"])
-    assert cfg.data.corpora[0].caption_fields == ["omni"]
+    cfg = load_config("debug", ["data.corpora.0.caption_fields=[omni]", "data.val_caption_fields=[omni]"])
+    assert cfg.data.corpora[0].caption_fields == ["omni"] and cfg.data.val_caption_fields == ["omni"]
+    with pytest.raises(ValueError, match=r"data.val_caption_fields=\['omin'\]"):
+        load_config("debug", ["data.val_caption_fields=[omin]"])
