@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mico_ds.data.write.probe import NoVideo, check_video
+
 # Member extensions stored as they are (the data contract's video and audio formats).
 KEPT_VIDEO = {".mp4": "mp4", ".webm": "webm"}
 REMUXED_VIDEO = (".mkv", ".mov", ".m4v")
@@ -206,24 +208,12 @@ def cut_clip(path: Path, start: float, end: float) -> Stored:
     return Stored("mp4", buf.getvalue(), has_audio=has_audio, notes=notes)
 
 
-def has_audio_stream(data: bytes) -> bool:
-    """Whether a container holds an audio stream."""
-    import av
-
-    with av.open(io.BytesIO(data)) as c:
-        return bool(c.streams.audio)
-
-
 def _check_video(data: bytes) -> bool:
-    """Open with PyAV, decode the first frame (as ``probe.probe_video``); returns has-audio."""
-    import av
-
-    with av.open(io.BytesIO(data)) as c:
-        if not c.streams.video:
-            raise MediaSkip("unreadable", "no video stream")
-        if next(c.decode(video=0), None) is None:
-            raise MediaSkip("unreadable", "no decodable video frame")
-        return bool(c.streams.audio)
+    """``probe.check_video`` on member bytes, its refusal a MediaSkip; returns has-audio."""
+    try:
+        return check_video(io.BytesIO(data))
+    except NoVideo as e:
+        raise MediaSkip("unreadable", str(e)) from None
 
 
 def _remux_mp4(path: Path) -> bytes:

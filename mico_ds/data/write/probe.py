@@ -30,19 +30,29 @@ def probe_image(path: Path) -> str:
     return _IMAGE_FORMATS[fmt]
 
 
-def probe_video(path: Path) -> str:
-    """Open a video with PyAV and decode its first frame; returns mp4/webm/gif from the file extension."""
+class NoVideo(ValueError):
+    """A container PyAV opens that holds no video stream, or no decodable frame."""
+
+
+def check_video(src: str | io.BytesIO) -> bool:
+    """Open a video (a path or its bytes) with PyAV and decode its first frame; returns whether it
+    has an audio stream. Raises :class:`NoVideo`; PyAV's own errors pass through."""
     import av
 
+    with av.open(src) as container:
+        if not container.streams.video:
+            raise NoVideo("no video stream")
+        if next(container.decode(video=0), None) is None:
+            raise NoVideo("no decodable video frame")
+        return bool(container.streams.audio)
+
+
+def probe_video(path: Path) -> str:
+    """Open a video with PyAV and decode its first frame; returns mp4/webm/gif from the file extension."""
     ext = _VIDEO_EXTS.get(path.suffix.lower())
     if ext is None:
         raise ValueError(f"unsupported video extension {path.suffix!r} (accepted: {sorted(_VIDEO_EXTS)})")
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise ValueError("no video stream")
-        frame = next(container.decode(video=0), None)
-        if frame is None:
-            raise ValueError("no decodable video frame")
+    check_video(str(path))
     return ext
 
 
