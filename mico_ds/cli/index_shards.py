@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         out = index_shards(urls, workers=a.workers, force=a.force, progress=not a.no_progress)
     except OSError as e:  # sizes.json could not be written (permissions, full disk)
         return fail("index_shards", e)
-    for path, err in out["bad"].items():
+    for err in out["bad"].values():
         print(f"index_shards: unreadable shard: {err}", file=sys.stderr)  # err names the file
     if a.json:
         print(json.dumps(out))

@@ -97,22 +97,6 @@ def read_sizes(directory: str | os.PathLike) -> dict[str, int]:
     return {k: v for k, v in sizes.items() if isinstance(v, int)} if isinstance(sizes, dict) else {}
 
 
-def shard_sizes(urls: Sequence[str]) -> dict[str, int]:
-    """Samples per shard from the ``sizes.json`` files next to local shards (missing entries omitted)."""
-    out: dict[str, int] = {}
-    cache: dict[str, dict[str, int]] = {}
-    for u in urls:
-        if u.startswith("pipe:"):
-            continue
-        d = os.path.dirname(u)
-        if d not in cache:
-            cache[d] = read_sizes(d)
-        n = cache[d].get(os.path.basename(u))
-        if n is not None:
-            out[u] = n
-    return out
-
-
 # ----------------------------------------------------------------------------- member names
 
 

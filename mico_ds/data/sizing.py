@@ -23,6 +23,7 @@ alone, so the read and the write path may both use it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tarfile
@@ -107,22 +108,19 @@ def count_shards(
 
     counts: dict[str, int] = {}
     errors: dict[str, str] = {}
-    bar = tqdm(total=len(paths), unit="shard", disable=not progress or None, desc="counting")
-    if workers > 1 and len(paths) > 1:
-        with ProcessPoolExecutor(min(workers, len(paths))) as pool:
-            chunk = max(1, min(64, len(paths) // (workers * 8)))
-            results: Iterable = pool.map(_count_one, paths, chunksize=chunk)
-            for path, n, err in results:
-                counts.update({path: n} if n is not None else {})
-                errors.update({path: err} if err is not None else {})
-                bar.update(1)
-    else:
-        for path in paths:
-            _, n, err = _count_one(path)
+    parallel = workers > 1 and len(paths) > 1
+    with (
+        ProcessPoolExecutor(min(workers, len(paths))) if parallel else contextlib.nullcontext() as pool,
+        tqdm(total=len(paths), unit="shard", disable=not progress or None, desc="counting") as bar,
+    ):
+        chunk = max(1, min(64, len(paths) // (workers * 8)))
+        results: Iterable = map(_count_one, paths)
+        if parallel:
+            results = pool.map(_count_one, paths, chunksize=chunk)
+        for path, n, err in results:
             counts.update({path: n} if n is not None else {})
             errors.update({path: err} if err is not None else {})
             bar.update(1)
-    bar.close()
     return counts, errors
 
 
