@@ -50,7 +50,21 @@ def init_process_group_from_env(backend: str, timeout_s: float) -> None:
 
 
 def destroy() -> None:
-    if is_initialized():
+    """Destroy every process group, releasing DeepSpeed's own references to them too.
+
+    ``deepspeed.utils.groups`` keeps a clone of WORLD that ``dist.destroy_process_group`` cannot
+    free; its Gloo worker threads then outlive ``main`` and are joined during interpreter
+    finalization, which can abort the process ("terminate called without an active exception",
+    pytorch/pytorch#190489). DeepSpeed's own teardown drops those references.
+    """
+    if not is_initialized():
+        return
+    import sys
+
+    ds_comm = sys.modules.get("deepspeed.comm")  # only where DeepSpeed already set itself up
+    if ds_comm is not None and ds_comm.is_initialized():
+        ds_comm.destroy_process_group()
+    else:
         dist.destroy_process_group()
 
 

@@ -7,6 +7,9 @@ that environment's ``bin/`` on ``PATH``.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import multiprocessing
 import os
 import socket
 import sys
@@ -36,3 +39,23 @@ def deepspeed_command(
         python or sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
         "--master_port", str(master_port or free_port()), "--no_local_rank", "--module", module, *args,
     ]  # fmt: skip
+
+
+def exit_now(code: int = 1) -> None:
+    """Flush what was logged and leave without the interpreter's shutdown.
+
+    After a failure that shutdown can hang (joining data workers while peers wait in collectives).
+    After a clean distributed run it can abort: ZeRO-3's hooks keep the engine, and through its
+    parameters the process groups, reachable until interpreter finalization, where the Gloo worker
+    threads are torn down in no fixed order ("terminate called without an active exception",
+    pytorch/pytorch#190489). The data workers go first: orphaned, they would run on until their
+    parent check notices (seconds)."""
+    for child in multiprocessing.active_children():
+        with contextlib.suppress(Exception):
+            child.kill()
+    with contextlib.suppress(Exception):
+        logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out).write_text(json.dumps(res, indent=1))
             print(f"results: {args.out}")
     mdist.barrier()
-    mdist.destroy()  # before exit: Gloo's worker-thread teardown can abort a process that exits with it
+    mdist.destroy()
     return 0
 
 
@@ -153,4 +153,6 @@ def consolidated(loc: Location) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mico_ds.distributed.launch import exit_now
+
+    exit_now(main())  # without the interpreter's teardown (distributed/launch.py, exit_now)

@@ -31,8 +31,7 @@ from pathlib import Path
 import yaml
 
 from mico_ds.config import help_text, list_recipes, load_config, parse_args_and_overrides, to_dict
-from mico_ds.distributed.launch import deepspeed_command, launched
-from mico_ds.train import failfast
+from mico_ds.distributed.launch import deepspeed_command, exit_now, launched
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -111,13 +110,12 @@ def main(argv: list[str] | None = None) -> int:
             # Leave now: a normal exit can hang joining data workers, and while this process lives its
             # peers wait for it in their collectives (train/failfast.py).
             traceback.print_exc()
-            failfast.exit_now(1)
+            exit_now(1)
         trainer.close()
         raise
     trainer.close()
-    # A process that exits with its process group alive can abort in Gloo's worker-thread teardown
-    # ("terminate called without an active exception", pytorch/pytorch#190489); on a clean exit,
-    # shut it down first. After a failure it is left alone: the exit code already says what happened.
+    # Shut the process groups down while every rank is still here; after a failure they are left
+    # alone (the exit code already says what happened).
     from mico_ds import distributed as mdist
 
     mdist.destroy()
@@ -125,4 +123,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Everything is written and closed when main returns; leave without the interpreter's teardown,
+    # which can abort a finished distributed run (distributed/launch.py, exit_now).
+    exit_now(main())

@@ -23,10 +23,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import multiprocessing
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -119,17 +117,3 @@ class Heartbeats:
             if launch == self.launch_id:
                 out[r] = (now - float(t), int(step), float(in_step) + max(0.0, now - float(t)))
         return out
-
-
-def exit_now(code: int = 1) -> None:
-    """Flush what was logged and leave without the interpreter's shutdown (which can hang). The data
-    workers go first: orphaned, they would run on until their parent check notices (seconds)."""
-    for child in multiprocessing.active_children():
-        with contextlib.suppress(Exception):
-            child.kill()
-    with contextlib.suppress(Exception):
-        logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)

@@ -23,6 +23,7 @@ from mico_ds.data.read.batch import to_device
 from mico_ds.data.read.mixture import build_train_loader
 from mico_ds.distributed.ds_config import zero_stage
 from mico_ds.distributed.engine import build_engine, init_distributed
+from mico_ds.distributed.launch import exit_now
 from mico_ds.train import data as tdata
 from mico_ds.train import failfast, guard, health
 from mico_ds.train.metrics import KeyLog, MetricsWriter, Throughput, train_flops_per_sample
@@ -56,7 +57,7 @@ class Trainer:
             self.notice.clear_stale()
         self.watch = health.PeerWatch(
             self.ranks, self.rank, notice=self.notice, beats=self.beats,
-            on_peer_failure=lambda rec: failfast.exit_now(1),
+            on_peer_failure=lambda rec: exit_now(1),
         ).start()  # fmt: skip
         if resume is None and read_latest(self.run_dir / CHECKPOINTS) is not None:
             raise ValueError(
