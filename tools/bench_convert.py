@@ -41,7 +41,7 @@ def make_checkpoint(out: Path, millions: float, width: int, stage: int) -> int:
     engine.step()
     engine.save_checkpoint(str(out), tag="step00000001")
     n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    torch.distributed.destroy_process_group()  # a live group can abort in Gloo's thread teardown at exit
+    torch.distributed.destroy_process_group()
     return n
 
 
@@ -95,4 +95,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mico_ds.distributed.launch import exit_now
+
+    exit_now(main())  # without the interpreter's teardown of live Gloo groups (distributed/launch.py)

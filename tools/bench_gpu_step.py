@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     r = run(args)
     from mico_ds import distributed as mdist
 
-    mdist.destroy()  # exiting with the process group alive can abort in Gloo's thread teardown
+    mdist.destroy()
     gb = 2**30
     print(
         f"== {r['slice']} on {r['device']}: batch {r['batch']}, {r['precision']}, ZeRO-{r['zero_stage']} =="
@@ -238,4 +238,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mico_ds.distributed.launch import exit_now
+
+    exit_now(main())  # without the interpreter's teardown of live Gloo groups (distributed/launch.py)

@@ -302,7 +302,7 @@ def losses_worker(a: argparse.Namespace) -> None:
         engine.step()
         losses.append({k: float(v) for k, v in out.items() if k != "matching_loss"})
     Path(a.json).write_text(json.dumps({"device": a.device, "precision": a.precision, "losses": losses}))
-    mdist.destroy()  # exiting with the process group alive can abort in Gloo's thread teardown
+    mdist.destroy()
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -402,4 +402,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mico_ds.distributed.launch import exit_now
+
+    exit_now(main())  # without the interpreter's teardown of live Gloo groups (distributed/launch.py)

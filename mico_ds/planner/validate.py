@@ -63,7 +63,6 @@ def measure_worker(args: argparse.Namespace, overrides: list[str]) -> None:
            "after_steps": rss_end - rss0, "peak": peak - rss0, "step_s": times}  # fmt: skip
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"rank{mdist.get_rank()}.json").write_text(json.dumps(out))
-    # Exiting with the process group alive can abort in Gloo's thread teardown (train/__main__.py).
     mdist.destroy()
 
 

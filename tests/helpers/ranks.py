@@ -10,11 +10,13 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from mico_ds.distributed.launch import free_port
+from mico_ds.distributed.launch import exit_now, free_port
 
 
 def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], out_dir: str, args: tuple) -> None:
     import torch.distributed as dist
+
+    from mico_ds import distributed as mdist
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -28,7 +30,8 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], out_dir: st
     try:
         torch.save(fn(rank, *args), Path(out_dir) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        mdist.destroy()
+    exit_now(0)  # without the interpreter's teardown of live Gloo groups (distributed/launch.py)
 
 
 def run_ranks(fn: Callable[..., Any], world: int, out_dir: Path, *args: Any) -> list[Any]:

@@ -204,4 +204,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from mico_ds import distributed as mdist
+    from mico_ds.distributed.launch import exit_now
+
     main()
+    mdist.destroy()
+    exit_now(0)  # without the interpreter's teardown of live Gloo groups (distributed/launch.py)
