@@ -3,7 +3,7 @@
     python tools/make_demo_data.py --out data/demo                      # defaults: 2048 train, 256 val
     python tools/make_demo_data.py --out /tmp/tiny --num-train 16 --num-val 8 --force
 
-Writes omni/{train,val}-*.tar, image_text/, audio_text/, video_text/ (each with sizes.json),
+Writes omni/{train,val,tune}-*.tar, image_text/, audio_text/, video_text/ (each with sizes.json),
 tokenizer/tokenizer.model and demo.json (last). Without --force an existing corpus with the same
 parameters is reused. See docs/data.md.
 """
@@ -27,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--num-val", type=int, default=d.num_val, help="held-out omni samples, unique captions (%(default)s)"
     )
+    p.add_argument(
+        "--num-tune",
+        type=int,
+        default=d.num_tune,
+        help="held-out omni tuning samples, not val's (%(default)s)",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="generation seed (%(default)s)")
     p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard, help="(%(default)s)")
     p.add_argument(
@@ -48,10 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     kwargs = dict(
-        num_train=a.num_train, num_val=a.num_val, seed=a.seed, samples_per_shard=a.samples_per_shard,
-        image_size=a.image_size, num_frames=a.num_frames, audio_seconds=a.audio_seconds,
-        sample_rate=a.sample_rate, with_frames=not a.no_frames, single_pair=not a.no_single_pair,
-        num_single_pair=a.num_single_pair, vocab_size=a.vocab_size, progress=not a.quiet, workers=a.workers,
+        num_train=a.num_train, num_val=a.num_val, num_tune=a.num_tune, seed=a.seed,
+        samples_per_shard=a.samples_per_shard, image_size=a.image_size, num_frames=a.num_frames,
+        audio_seconds=a.audio_seconds, sample_rate=a.sample_rate, with_frames=not a.no_frames,
+        single_pair=not a.no_single_pair, num_single_pair=a.num_single_pair, vocab_size=a.vocab_size,
+        progress=not a.quiet, workers=a.workers,
     )  # fmt: skip
     t0 = time.perf_counter()
     try:

@@ -249,6 +249,9 @@ class DemoConfig(Section):
     generate: bool = _f(False, "Generate the demo corpus under data.root when it is missing.")
     num_train: int = _f(2048, "Training samples of the generated demo corpus.")
     num_val: int = _f(256, "Held-out samples of the generated demo corpus (unique captions).")
+    num_tune: int = _f(
+        128, "Held-out tuning samples of the generated demo corpus (omni/tune-*.tar, e.g. the rerank weight)."
+    )
 
 
 # ----------------------------------------------------------------------------- model
@@ -344,10 +347,26 @@ class ObjectiveConfig(Section):
     )
     max_logit_scale: float = _f(100.0, "Clamp of the learnable logit scale, applied in the forward pass.")
     contrastive_tile: int = _f(1024, "Tile size of the memory-efficient contrastive kernel.")
+    matching_form: Literal["pointwise", "listwise"] = _f(
+        "pointwise",
+        "Matching loss: 'pointwise' binary cross-entropy on every pair (Eq. 5), or 'listwise' softmax "
+        "cross-entropy over the positive and its matching_negatives mined candidates, both directions "
+        "(the task a top-k rerank asks of the head).",
+    )
+    matching_negatives: int = _f(
+        1, "Hard negatives mined per positive and direction (paper: 1), drawn without replacement."
+    )
+    matching_dedup: bool = _f(
+        True,
+        "Never mine a candidate that shares the positive's caption text or its source key (json "
+        "'video_id', else the sample key): another clip of one video, a repeated caption.",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.weights()
+        if self.matching_negatives < 1:
+            raise ValueError(f"objectives.matching_negatives must be >= 1, got {self.matching_negatives}")
 
     def weights(self) -> dict[str, float]:
         """``{"contrastive_loss": w, "matching_loss": w, "generation_loss": w}``, checked.
@@ -481,6 +500,18 @@ class EvalConfig(Section):
     max_samples: int = _f(256, "Held-out items evaluated for retrieval (all of their captions).")
     batch_size: int = _f(32, "Per-rank evaluation batch size (items, texts, or reranked pairs).")
     rerank_k: int = _f(50, "Retrieval: top-k candidates reranked by the matching head (paper: 50; 0: off).")
+    rerank_weight: float | None = _f(
+        None,
+        "Retrieval: weight of the matching log-odds added to the contrastive logit in the rerank "
+        "(fused score = scale * sim + w * match); None: chosen on eval.rerank_tune_shards, or 1.0 "
+        "(with a warning) when those are not set.",
+    )
+    rerank_tune_shards: str | None = _f(
+        None,
+        "Retrieval: held-out shards (brace pattern relative to data.root, like data.val_shards) used only "
+        "to choose eval.rerank_weight; must differ from data.val_shards.",
+    )
+    rerank_tune_samples: int = _f(128, "Retrieval: items of eval.rerank_tune_shards the weight is chosen on.")
     caption_samples: int = _f(64, "Captioning: held-out items captioned.")
     num_beams: int = _f(3, "Beam size for captioning and QA (paper: 3; 1 = greedy).")
     caption_max_tokens: int | None = _f(
@@ -500,6 +531,7 @@ class EvalConfig(Section):
             "num_beams": self.num_beams,
             "qa_samples": self.qa_samples,
             "qa_max_tokens": self.qa_max_tokens,
+            "rerank_tune_samples": self.rerank_tune_samples,
         }
         if self.caption_max_tokens is not None:
             sizes["caption_max_tokens"] = self.caption_max_tokens
@@ -508,6 +540,8 @@ class EvalConfig(Section):
             raise ValueError(
                 f"eval sizes must be >= 1 (rerank_k >= 0): got {small or {'rerank_k': self.rerank_k}}"
             )
+        if self.rerank_weight is not None and not self.rerank_weight >= 0:
+            raise ValueError(f"eval.rerank_weight must be >= 0 (or null: tuned), got {self.rerank_weight}")
 
 
 @dataclass
@@ -525,6 +559,15 @@ class RunConfig(Section):
     checkpoint: CheckpointConfig = _section(CheckpointConfig, "Checkpoints.")
     eval: EvalConfig = _section(EvalConfig, "Evaluation.")
     launch: dict[str, Any] = _f({}, "Launcher hints (e.g. nproc for the demo); not read by the trainer.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        tune = self.eval.rerank_tune_shards
+        if tune is not None and tune == self.data.val_shards:
+            raise ValueError(
+                f"eval.rerank_tune_shards={tune!r} is data.val_shards: the rerank weight must be chosen "
+                "on another split than the reported one"
+            )
 
 
 def to_dict(cfg: Any) -> Any:

@@ -14,6 +14,9 @@ Batch legend (what ``MiCoModel.forward`` receives; B = batch, T = frames, N = au
     sample_source  int64 (B, M)  per present modality (in MODALITIES order) the id of the corpus it was
                                  drawn from when a sample is joined from several corpora (MiCo Eq. 3);
                                  all zeros for samples that come whole from one corpus
+    source_group   int64 (B,)    hash of the sample's source key (json "video_id", else its key; joined
+                                 samples combine their parts'): clips of one video share it, and hard-
+                                 negative mining never draws a candidate of the positive's group
     keys           list[str]     sample keys
     captions       list[str]     the concatenated raw caption (evaluation, CIDEr)
     corpus         str           name of the corpus the batch came from
@@ -62,11 +65,23 @@ TXT_EXT = "txt"
 TEXT_IDS = "text_ids"
 TEXT_MASK = "text_mask"
 SAMPLE_SOURCE = "sample_source"
+SOURCE_GROUP = "source_group"
 KEYS = "keys"
 CAPTIONS = "captions"
 CORPUS = "corpus"
 EVAL_TEXTS = "eval_texts"
 QA = "qa"
+
+# The json field naming the recording a clip was cut from (HD-VILA / VAST-27M / MSR-VTT "video_id").
+SOURCE_KEY_FIELD = "video_id"
+
+
+def source_group(source_key: str) -> int:
+    """A stable signed 63-bit id of a source key (the same in every process and run)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(source_key.encode(), digest_size=8).digest(), "little") >> 1
+
 
 # Size index written next to shards by tools/make_shards.py: {"shard-000000.tar": n_samples, ...}
 SIZES_FILE = "sizes.json"

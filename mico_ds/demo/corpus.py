@@ -2,16 +2,17 @@
 
 Nothing is downloaded: every sample is rendered from an attribute tuple (the samples and their
 captions are described in ``mico_ds.demo.world``). The held-out ``val`` split draws distinct attribute
-tuples (so its concatenated captions are unique, for retrieval evaluation) and ``train`` never uses a
-``val`` tuple. Three single-pair corpora exercise corpus mixing and joined samples (MiCo Eq. 3):
-``image_text`` (jpg + txt, the img2dataset/OpenCLIP layout), ``audio_text`` (flac + json) and
-``video_text`` (mp4 + json).
+tuples (so its concatenated captions are unique, for retrieval evaluation); the held-out ``tune``
+split (choices made before reporting on ``val``, e.g. ``eval.rerank_weight``) draws distinct tuples
+that are not ``val``'s, and ``train`` never uses a ``val`` or ``tune`` tuple. Three single-pair
+corpora exercise corpus mixing and joined samples (MiCo Eq. 3): ``image_text`` (jpg + txt, the
+img2dataset/OpenCLIP layout), ``audio_text`` (flac + json) and ``video_text`` (mp4 + json).
 
 Layout under ``out_dir``::
 
-    omni/train-000000.tar ...  omni/val-000000.tar ...  omni/sizes.json
+    omni/train-000000.tar ...  omni/val-000000.tar ...  omni/tune-000000.tar ...  omni/sizes.json
     image_text/train-*.tar  audio_text/train-*.tar  video_text/train-*.tar   (each with sizes.json)
-    tokenizer/tokenizer.model   SentencePiece (Llama-2 settings) trained on all captions
+    tokenizer/tokenizer.model   SentencePiece (Llama-2 settings) trained on the train and val captions
     demo.json                   parameters, counts, shard patterns; written last (= corpus complete)
 
 Every random choice comes from ``numpy.random.default_rng([seed, corpus, split, index])``, so the
@@ -117,7 +118,8 @@ def build_sample(params: DemoParams, corpus: str, split: str, index: int, code: 
 
 
 def draw_codes(params: DemoParams) -> dict[tuple[str, str], np.ndarray]:
-    """Attribute codes per (corpus, split): val distinct, train disjoint from val, single-pair free."""
+    """Attribute codes per (corpus, split): val distinct, tune distinct and disjoint from val, train
+    disjoint from both, single-pair free."""
     out: dict[tuple[str, str], np.ndarray] = {}
     rng = np.random.default_rng([params.seed, 1000])  # val first: train is drawn to avoid its tuples
     val = (
@@ -125,14 +127,23 @@ def draw_codes(params: DemoParams) -> dict[tuple[str, str], np.ndarray]:
         if params.num_val
         else np.zeros(0, np.int64)
     )
-    held_out = set(val.tolist())
+    val_codes = set(val.tolist())
+    # tune from its own generator, so that val (and train, but for a redraw) is what it was without it
+    tune = np.zeros(0, np.int64)
+    if params.num_tune:
+        size = min(NUM_COMBINATIONS, params.num_tune + params.num_val)  # >= num_tune outside val
+        draw = np.random.default_rng([params.seed, 1001]).choice(NUM_COMBINATIONS, size=size, replace=False)
+        tune = np.asarray([c for c in draw.tolist() if c not in val_codes][: params.num_tune], np.int64)
+    held_out = val_codes | set(tune.tolist())
     train = rng.integers(0, NUM_COMBINATIONS, size=params.num_train)
     for i in range(len(train)):
-        while int(train[i]) in held_out:  # rare: num_val / 663,552 per draw
+        while int(train[i]) in held_out:  # rare: (num_val + num_tune) / 663,552 per draw
             train[i] = rng.integers(0, NUM_COMBINATIONS)
     out["omni", "train"] = train.astype(np.int64)
     if params.num_val:
         out["omni", "val"] = np.asarray(val, dtype=np.int64)
+    if params.num_tune:
+        out["omni", "tune"] = tune
     if params.single_pair:
         for corpus in ("image_text", "audio_text", "video_text"):
             sp_rng = np.random.default_rng([params.seed, 1000 + CORPUS_ID[corpus]])
@@ -174,6 +185,7 @@ def _clean(out: Path) -> None:
             for p in [
                 *d.glob("train-*.tar"),
                 *d.glob("val-*.tar"),
+                *d.glob("tune-*.tar"),
                 *d.glob(".*.tmp*"),
                 d / schema.SIZES_FILE,
             ]:
@@ -185,6 +197,7 @@ def make_demo_corpus(
     *,
     num_train: int = 2048,
     num_val: int = 256,
+    num_tune: int = 128,
     seed: int = 0,
     samples_per_shard: int = 256,
     image_size: int = 64,
@@ -202,6 +215,7 @@ def make_demo_corpus(
 
     Args:
         num_train / num_val: omni samples in the train / held-out split.
+        num_tune: omni samples in the held-out tuning split (``omni/tune-*.tar``, distinct from val).
         seed: every random choice derives from it; same seed -> byte-identical shards.
         samples_per_shard: samples per tar shard.
         image_size: square frame side (even).
@@ -220,10 +234,10 @@ def make_demo_corpus(
     from mico_ds.data.tokenizer import train_sentencepiece
 
     params = DemoParams(
-        num_train=num_train, num_val=num_val, seed=seed, samples_per_shard=samples_per_shard,
-        image_size=image_size, num_frames=num_frames, audio_seconds=audio_seconds,
-        sample_rate=sample_rate, with_frames=with_frames, single_pair=single_pair,
-        num_single_pair=num_single_pair, vocab_size=vocab_size,
+        num_train=num_train, num_val=num_val, num_tune=num_tune, seed=seed,
+        samples_per_shard=samples_per_shard, image_size=image_size, num_frames=num_frames,
+        audio_seconds=audio_seconds, sample_rate=sample_rate, with_frames=with_frames,
+        single_pair=single_pair, num_single_pair=num_single_pair, vocab_size=vocab_size,
     )  # fmt: skip
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -264,9 +278,11 @@ def make_demo_corpus(
     ]
     if len(set(val_caps)) != len(val_caps):
         raise AssertionError("demo val captions are not unique")  # the attribute -> caption map is injective
+    # Not the tune captions: adding that split leaves the tokenizer (and every token id) unchanged.
     all_caps = [
         text
-        for (corpus, _), cs in codes.items()
+        for (corpus, split), cs in codes.items()
+        if split != "tune"
         for c in cs
         for f, text in captions_for(decode_attributes(int(c))).items()
         if f in CAPTION_FIELDS_OF[corpus]

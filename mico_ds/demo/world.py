@@ -100,7 +100,7 @@ CAPTION_FIELDS_OF: dict[str, tuple[str, ...]] = {
     "video_text": ("vision",),
 }
 CORPUS_ID = {name: i for i, name in enumerate(CORPORA)}
-SPLIT_ID = {"train": 0, "val": 1}
+SPLIT_ID = {"train": 0, "val": 1, "tune": 2}
 
 
 def decode_attributes(code: int) -> dict[str, Any]:
@@ -296,6 +296,7 @@ class DemoParams:
 
     num_train: int = 2048
     num_val: int = 256
+    num_tune: int = 128
     seed: int = 0
     samples_per_shard: int = 256
     image_size: int = 64
@@ -316,6 +317,8 @@ class DemoParams:
             problems.append(f"num_train={self.num_train} (must be >= 1)")
         if not 0 <= self.num_val <= NUM_COMBINATIONS:
             problems.append(f"num_val={self.num_val} (must be in [0, {NUM_COMBINATIONS}])")
+        if not 0 <= self.num_tune <= NUM_COMBINATIONS - self.num_val:
+            problems.append(f"num_tune={self.num_tune} (must be in [0, {NUM_COMBINATIONS} - num_val])")
         if self.samples_per_shard < 1:
             problems.append(f"samples_per_shard={self.samples_per_shard} (must be >= 1)")
         if self.image_size < 16 or self.image_size % 2:

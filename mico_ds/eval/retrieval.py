@@ -1,10 +1,15 @@
 """Zero-shot retrieval between knowledge contexts and texts, with matching-head reranking.
 
-Protocol (MiCo appendix B.3): every candidate is ranked by the contrastive similarity (Eq. 4), then
-the top-k (paper: 50) candidates of each query are reranked by the matching head (Eq. 5). The
-reranked order is the matching logit alone inside the top-k, the top-k above every other candidate,
-which keep their contrastive order ("the Top-50 candidates undergo a reranking process through the
-Omni-modal Matching Process").
+Protocol: every candidate is ranked by the contrastive similarity (Eq. 4), then the top-k (paper: 50)
+candidates of each query are reranked with the matching head (Eq. 5), the top-k staying above every
+other candidate, which keep their contrastive order. MiCo appendix B.3 reranks "through the
+Omni-modal Matching Process" without saying how the two scores combine; BLIP sums them. The reranked
+order here is the fused score ``scale * sim + w * match`` (``scale``: the model's contrastive inverse
+temperature, so ``scale * sim`` is the contrastive logit; ``match``: the matching head's log-odds).
+``w`` is given, or chosen from a grid (:data:`RERANK_WEIGHTS`, :func:`choose_rerank_weight`) on a
+split that is not the reported one (the runner tunes on ``eval.rerank_tune_shards``); w = 0 is in the
+grid and reproduces the contrastive order, so the chosen fusion is never worse than contrastive on
+the tuning split. The matching-only order (the logit alone inside the top-k) is reported too.
 
 Items may carry several texts (COCO-style: 5 captions per image): text->knowledge (t2k) has one
 positive item per text; knowledge->text (k2t) counts a hit at rank r when ANY of the item's texts is
@@ -14,14 +19,14 @@ placed before it). Items carry every modality of their batch: the context fuses 
 Distributed (:func:`evaluate_retrieval`): each rank encodes its items and their texts; features, the
 text-to-item map and the (cheap) text token ids are gathered, every rank computes the same contrastive
 ranking; then each rank scores with the matching head the top-k pairs whose ITEM it holds (its items'
-context prefixes never leave it), the scores are gathered and every rank builds the same reranking.
-Every rank runs the same number of forward passes of each module (ZeRO-3 gathers parameters
-collectively): chunks are padded with dummy work.
+context prefixes never leave it), the scores are gathered and every rank builds the same reranking
+(and chooses the same weight). Every rank runs the same number of forward passes of each module
+(ZeRO-3 gathers parameters collectively): chunks are padded with dummy work.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -31,6 +36,8 @@ from mico_ds import distributed as mdist
 from mico_ds.data import schema
 
 KS = (1, 5, 10)
+# Weights of the matching log-odds tried when the rerank weight is tuned (0: the contrastive order).
+RERANK_WEIGHTS = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
 
 # ----------------------------------------------------------------------------- pure metrics
@@ -76,6 +83,57 @@ def rerank_scores(sim: torch.Tensor, topk: torch.Tensor, match: torch.Tensor) ->
     # An offset that puts every reranked candidate above every other one, whatever the logits.
     offset = sim.max() - match.min() + 1.0
     return sim.scatter(1, topk, match + offset)
+
+
+def fused_scores(
+    sim: torch.Tensor, topk: torch.Tensor, match: torch.Tensor, scale: float, weight: float
+) -> torch.Tensor:
+    """Scores whose order is: the top-k by ``scale * sim + weight * match``, then the rest by ``sim``.
+
+    Args:
+        sim: (Q, C) contrastive similarities.
+        topk: (Q, k) candidate indices of each query's top-k.
+        match: (Q, k) matching log-odds of those pairs.
+        scale: the contrastive inverse temperature (``scale * sim`` is the contrastive logit).
+        weight: weight of the matching log-odds (0: the contrastive order).
+    """
+    sim = sim.double()
+    fused = float(scale) * sim.gather(1, topk) + float(weight) * match.double()
+    # As in rerank_scores: the reranked candidates above every other one.
+    offset = sim.max() - fused.min() + 1.0
+    return sim.scatter(1, topk, fused + offset)
+
+
+RerankInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # sim, topk, match, positive
+
+
+def weight_sweep(
+    directions: Sequence[RerankInputs], scale: float, weights: Sequence[float] = RERANK_WEIGHTS
+) -> dict[float, tuple[float, float]]:
+    """Mean over ``directions`` of the fused R@1 and R@5 (fractions) for every weight.
+
+    Args:
+        directions: per direction (t2k, k2t) the (sim (Q, C), topk (Q, k), match (Q, k), positive (Q, C)).
+        scale: the contrastive inverse temperature.
+        weights: the matching weights to try.
+    """
+    out = {}
+    for w in weights:
+        ranks = [positive_ranks(fused_scores(s, t, m, scale, w), p) for s, t, m, p in directions]
+        r1 = sum((r < 1).double().mean().item() for r in ranks) / len(ranks)
+        r5 = sum((r < 5).double().mean().item() for r in ranks) / len(ranks)
+        out[float(w)] = (round(r1, 12), round(r5, 12))  # rounded: equal recalls must tie exactly
+    return out
+
+
+def choose_rerank_weight(
+    directions: Sequence[RerankInputs], scale: float, weights: Sequence[float] = RERANK_WEIGHTS
+) -> float:
+    """The weight maximizing the mean fused R@1 over ``directions``; ties: mean R@5, then the smaller w."""
+    if not weights or min(weights) < 0:
+        raise ValueError(f"rerank weights must be a non-empty list of values >= 0, got {list(weights)}")
+    sweep = weight_sweep(directions, scale, sorted(weights))
+    return max(sweep, key=lambda w: (*sweep[w], -w))
 
 
 def retrieval_metrics(
@@ -152,11 +210,14 @@ def evaluate_retrieval(
     text_max_len: int = 64,
     progress: bool = False,
     prefix: str = "retrieval/",
+    rerank_weight: float | None = 1.0,
+    rerank_weights: Sequence[float] = RERANK_WEIGHTS,
 ) -> dict[str, float]:
     """Retrieval over the valid items of ``batches`` on every rank (see the module docstring).
 
     Args:
-        model: exposes encode_context / proj_z / prefix_proj / embed_text / matching_scores (MiCoModel).
+        model: exposes encode_context / proj_z / prefix_proj / embed_text / matching_scores /
+            logit_scale (MiCoModel).
         batches: this rank's evaluation batches, the same count on every rank, with ``valid`` (B,) bool
             marking padding items.
         tokenizer: encodes the items' texts (``encode(texts, max_len)``, ``special``).
@@ -164,11 +225,19 @@ def evaluate_retrieval(
         rerank_k: candidates reranked by the matching head per query (0: contrastive only).
         batch_size: texts per text-encoder pass and pairs per matching pass.
         text_max_len: token budget of a text (as in training: ``data.text_max_len``).
+        rerank_weight: weight w of the matching log-odds in the fused rerank score; None: the weight of
+            ``rerank_weights`` that does best on THESE items (:func:`choose_rerank_weight`; meant for
+            a tuning split, not for the reported one).
+        rerank_weights: the grid searched when ``rerank_weight`` is None.
 
     Returns:
         ``retrieval/{t2k,k2t}_{r1,r5,r10,medr}`` (contrastive) and, with reranking, the same keys with
-        ``_rerank``; ``retrieval/n`` items, ``retrieval/n_texts``, ``retrieval/rerank_k``.
+        ``_rerank`` (fused) and ``_rerank_match`` (matching logit alone); ``retrieval/n`` items,
+        ``retrieval/n_texts``, ``retrieval/rerank_k``, ``retrieval/rerank_weight`` (the w used) and
+        ``retrieval/rerank_weight_tuned`` (1.0: chosen here, 0.0: given), ``retrieval/rerank_scale``.
     """
+    if rerank_weight is not None and not rerank_weight >= 0:
+        raise ValueError(f"rerank_weight must be >= 0 (or None: tuned), got {rerank_weight}")
     from tqdm import tqdm
 
     rank = mdist.get_rank()
@@ -269,7 +338,15 @@ def evaluate_retrieval(
     m_k2t[rows[~sel, 1], rows[~sel, 2]] = vals[~sel]
     assert not m_t2k.isnan().any() and not m_k2t.isnan().any(), "a reranked pair was scored by no rank"
     pos = positive_matrix(item_of_text, nk)
-    out |= recall_at(positive_ranks(rerank_scores(sim.T, top_t2k, m_t2k), pos), "t2k", "_rerank", prefix)
-    out |= recall_at(positive_ranks(rerank_scores(sim, top_k2t, m_k2t), pos.T), "k2t", "_rerank", prefix)
+    directions = {"t2k": (sim.T, top_t2k, m_t2k, pos), "k2t": (sim, top_k2t, m_k2t, pos.T)}
+    scale = float(model.logit_scale())  # every rank: a module forward (ZeRO-3 gathers collectively)
+    tuned = rerank_weight is None
+    w = choose_rerank_weight(list(directions.values()), scale, rerank_weights) if tuned else rerank_weight
+    for name, (s, top, m, p) in directions.items():
+        out |= recall_at(positive_ranks(fused_scores(s, top, m, scale, w), p), name, "_rerank", prefix)
+        out |= recall_at(positive_ranks(rerank_scores(s, top, m), p), name, "_rerank_match", prefix)
     out[f"{prefix}rerank_k"] = float(rerank_k)
+    out[f"{prefix}rerank_weight"] = float(w)
+    out[f"{prefix}rerank_weight_tuned"] = float(tuned)
+    out[f"{prefix}rerank_scale"] = scale
     return out

@@ -3,7 +3,9 @@
 One eval-mode pass reads each rank's share of the held-out items; every task takes the first items
 of that share it needs (``eval.max_samples`` / ``caption_samples`` / ``qa_samples`` in all, split
 over the ranks). Batch lists are padded to the same length on every rank (ZeRO-3: every rank runs
-the same forward passes), padding items marked ``valid = False``.
+the same forward passes), padding items marked ``valid = False``. Retrieval's rerank weight, unless
+given (``eval.rerank_weight``), is chosen on the first ``eval.rerank_tune_samples`` items of
+``eval.rerank_tune_shards``, a split that is not the reported one.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from mico_ds.data import schema
 from mico_ds.data.read.batch import to_device
 
 log = logging.getLogger("mico_ds")
+DEFAULT_RERANK_WEIGHT = 1.0  # eval.rerank_weight None without tune shards: BLIP's plain sum
+_warned: set[str] = set()
 
 
 def per_rank(n: int) -> int:
@@ -79,6 +83,52 @@ def take(batches: Sequence[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     return out
 
 
+def tune_rerank_weight(
+    model: Any,
+    cfg: RunConfig,
+    tokenizer: Any,
+    device: torch.device | str,
+    bf16: bool,
+    modalities: Sequence[str] | None,
+    val_shards: str | None,
+    progress: bool,
+) -> tuple[float, dict[str, float]]:
+    """The retrieval rerank weight and the figures to report about its choice.
+
+    ``eval.rerank_weight`` when set; else chosen by :func:`~mico_ds.eval.retrieval.evaluate_retrieval`
+    on ``eval.rerank_tune_shards`` (every rank runs the same passes), whose R@1 are reported as
+    ``retrieval/tune_*``; else :data:`DEFAULT_RERANK_WEIGHT`, with a warning (once per process).
+    """
+    from mico_ds.eval.retrieval import evaluate_retrieval
+
+    e = cfg.eval
+    if e.rerank_weight is not None:
+        return e.rerank_weight, {"retrieval/rerank_weight_tuned": 0.0}
+    if not e.rerank_tune_shards:
+        if "tune" not in _warned and mdist.is_main_process():
+            log.warning(
+                "eval.rerank_weight and eval.rerank_tune_shards are not set: the retrieval rerank adds the "
+                "matching log-odds to the contrastive logit with weight %g", DEFAULT_RERANK_WEIGHT
+            )  # fmt: skip
+        _warned.add("tune")
+        return DEFAULT_RERANK_WEIGHT, {"retrieval/rerank_weight_tuned": 0.0}
+    if e.rerank_tune_shards == (val_shards or cfg.data.val_shards):
+        raise ValueError(
+            f"eval.rerank_tune_shards={e.rerank_tune_shards!r} are the evaluated shards: the rerank weight "
+            "must be chosen on another split than the reported one"
+        )
+    n = per_rank(e.rerank_tune_samples)
+    tune = take(load_batches(cfg, device, bf16, n, modalities, e.rerank_tune_shards), n)
+    res = evaluate_retrieval(
+        model, tune, tokenizer, max_items=e.rerank_tune_samples, rerank_k=e.rerank_k,
+        batch_size=e.batch_size, text_max_len=cfg.data.text_max_len, progress=progress,
+        prefix="retrieval/tune_", rerank_weight=None,
+    )  # fmt: skip
+    r1 = ("_r1", "_r1_rerank", "_r1_rerank_match")
+    keep = {k: v for k, v in res.items() if k == "retrieval/tune_n" or k.endswith(r1)}
+    return res["retrieval/tune_rerank_weight"], {**keep, "retrieval/rerank_weight_tuned": 1.0}
+
+
 def scalars(results: dict[str, Any]) -> dict[str, float]:
     """The numeric entries of a result dict (what goes into metrics.jsonl)."""
     return {
@@ -131,10 +181,17 @@ def run_evaluation(
             t0 = time.perf_counter()
             part = take(batches, per_rank(sizes[task]))
             if task == "retrieval":
+                w, tuning = 0.0, {}
+                if e.rerank_k > 0:
+                    w, tuning = tune_rerank_weight(
+                        model, cfg, tokenizer, device, bf16, modalities, shards, progress
+                    )
                 res = evaluate_retrieval(
                     model, part, tokenizer, max_items=e.max_samples, rerank_k=e.rerank_k,
                     batch_size=e.batch_size, text_max_len=cfg.data.text_max_len, progress=progress,
+                    rerank_weight=w,
                 )  # fmt: skip
+                res |= tuning
             elif task == "captioning":
                 opts = DecodeOptions(
                     num_beams=e.num_beams,
@@ -169,19 +226,36 @@ def format_results(res: dict[str, Any]) -> str:
     if "retrieval/t2k_r1" in res:
         n, nt = int(res.get("retrieval/n", 0)), int(res.get("retrieval/n_texts", 0))
         lines.append(f"retrieval: {n} items, {nt} texts (chance R@1 about {100 / max(n, 1):.2f}%)")
-        lines.append(f"  {'':<31}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'MedR':>8}")
-        for d, name in (("t2k", "text->knowledge"), ("k2t", "knowledge->text")):
-            for suffix, how in (
+        top = f"rerank top-{int(res.get('retrieval/rerank_k', 0))}"
+        w = res.get("retrieval/rerank_weight")
+        if not res.get("retrieval/rerank_weight_tuned"):
+            how = "given"
+        elif "retrieval/tune_n" in res:
+            how = f"tuned on {int(res['retrieval/tune_n'])} items"
+        else:
+            how = "tuned on these items"
+        fused = f"{top} fused (w={w:g}, {how})" if w is not None else top
+        rows = [
+            (f"{name} {label}", f"retrieval/{d}_{{}}{suffix}")
+            for d, name in (("t2k", "text->knowledge"), ("k2t", "knowledge->text"))
+            for suffix, label in (
                 ("", "contrastive"),
-                ("_rerank", f"rerank top-{int(res.get('retrieval/rerank_k', 0))}"),
-            ):
-                if f"retrieval/{d}_r1{suffix}" not in res:
-                    continue
-                vals = [res[f"retrieval/{d}_r{k}{suffix}"] for k in (1, 5, 10)]
-                medr = res[f"retrieval/{d}_medr{suffix}"]
-                lines.append(
-                    f"  {name + ' ' + how:<31}" + "".join(f"{v:>8.2f}" for v in vals) + f"{medr:>8.1f}"
-                )
+                ("_rerank", fused),
+                ("_rerank_match", f"{top} matching only"),
+            )
+            if f"retrieval/{d}_r1{suffix}" in res
+        ]
+        width = max(31, *(len(label) + 2 for label, _ in rows))
+        lines.append(f"  {'':<{width}}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'MedR':>8}")
+        for label, key in rows:
+            vals = "".join(f"{res[key.format(f'r{k}')]:>8.2f}" for k in (1, 5, 10))
+            lines.append(f"  {label:<{width}}{vals}{res[key.format('medr')]:>8.1f}")
+        if "retrieval/tune_t2k_r1_rerank" in res:
+            tune = ", ".join(
+                f"{d} {res[f'retrieval/tune_{d}_r1']:.2f} -> {res[f'retrieval/tune_{d}_r1_rerank']:.2f}"
+                for d in ("t2k", "k2t")
+            )
+            lines.append(f"  tuning split R@1, contrastive -> fused: {tune}")
     if "captioning/cider" in res:
         lines.append(
             f"captioning: {int(res['captioning/n'])} items  CIDEr-D {res['captioning/cider']:.3f}  "

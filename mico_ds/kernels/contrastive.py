@@ -248,23 +248,31 @@ def sample_hard_negatives_tiled(
     positive_idx: torch.Tensor,
     generator: torch.Generator | None = None,
     tile: int = 1024,
-) -> torch.Tensor:
-    """One index per row drawn from softmax_j(s <q_i, k_j>) over j != positive_idx[i].
+    num: int = 1,
+    q_groups: torch.Tensor | None = None,
+    k_groups: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num`` indices per row drawn without replacement from softmax_j(s <q_i, k_j>) over the allowed j.
 
-    Gumbel-max over column tiles with a running maximum: argmax_j (s <q_i, k_j> + G_ij), G iid
-    Gumbel(0, 1), is a draw from the softmax, and the maximum can be kept tile by tile, so the
-    (b, N) matrix is never materialized. No host sync.
+    Gumbel-top-k over column tiles with a running top-``num``: the ``num`` largest
+    s <q_i, k_j> + G_ij, G iid Gumbel(0, 1), are a draw without replacement from the softmax (the
+    successive-sampling law), and they can be kept tile by tile, so the (b, N) matrix is never
+    materialized. No host sync. Banned: each row's positive, and with groups every j that shares a
+    group id with row i in any column (a duplicate caption, another clip of the same video).
 
     Args:
         q_local: (b, E) this rank's query features.
-        k_global: (N, E) candidate features of the global batch (N >= 2).
+        k_global: (N, E) candidate features of the global batch (N >= num + 1).
         logit_scale: one-element tensor (or a float) s.
-        positive_idx: (b,) int64 column of each row's positive, excluded from the draw.
+        positive_idx: (b,) int64 column of each row's positive, never drawn.
         generator: random generator on q_local's device (None: the default one).
         tile: columns per tile.
+        num: draws per row.
+        q_groups, k_groups: (b, G) and (N, G) int64 group ids, or None.
 
     Returns:
-        (b,) int64 indices into k_global, never equal to positive_idx.
+        (idx, valid): (b, num) int64 indices into k_global, never a row's positive, and (b, num) bool,
+        False where a row had fewer than ``num`` allowed candidates and a banned one filled the slot.
     """
     if q_local.ndim != 2 or k_global.ndim != 2 or q_local.shape[1] != k_global.shape[1]:
         raise ValueError(
@@ -272,19 +280,23 @@ def sample_hard_negatives_tiled(
             f"{tuple(q_local.shape)} and {tuple(k_global.shape)}"
         )
     b, n = q_local.shape[0], k_global.shape[0]
-    if n < 2:
-        raise ValueError(f"sample_hard_negatives_tiled: need >= 2 candidates (one is the positive), N={n}")
+    if n < num + 1:
+        raise ValueError(
+            f"sample_hard_negatives_tiled: need >= {num + 1} candidates (one is the positive), N={n}"
+        )
     if positive_idx.shape != (b,):
         raise ValueError(
             f"sample_hard_negatives_tiled: positive_idx must be ({b},), got {tuple(positive_idx.shape)}"
         )
     if tile < 1:
         raise ValueError(f"sample_hard_negatives_tiled: tile must be >= 1, got {tile}")
+    if (q_groups is None) != (k_groups is None):
+        raise ValueError("sample_hard_negatives_tiled: give both q_groups and k_groups, or neither")
     q = q_local.float()
     s = torch.as_tensor(logit_scale, device=q.device).detach().float().reshape(())
     pos = positive_idx.to(device=q.device, dtype=torch.long)
-    best = torch.full((b,), float("-inf"), dtype=torch.float32, device=q.device)
-    best_idx = torch.zeros((b,), dtype=torch.long, device=q.device)
+    best = torch.full((b, num), float("-inf"), dtype=torch.float32, device=q.device)
+    best_idx = torch.zeros((b, num), dtype=torch.long, device=q.device)
     for c0 in range(0, n, tile):
         kt = k_global[c0 : c0 + tile].float()
         scores = torch.mm(q, kt.T).mul_(s)  # (b, tile)
@@ -292,14 +304,22 @@ def sample_hard_negatives_tiled(
         noise = torch.empty_like(scores).exponential_(generator=generator).log_()
         scores.sub_(noise)
         del noise
+        if q_groups is not None:
+            same = (q_groups[:, None, :] == k_groups[None, c0 : c0 + kt.shape[0], :]).any(-1)
+            # Below every allowed score, above the positive: fills a slot only when nothing else can.
+            scores.masked_fill_(same, -BANNED)
         # Exclude each row's positive when it falls in this tile (scatter of -inf, no boolean indexing).
         local = pos - c0
         inside = (local >= 0) & (local < kt.shape[0])
         col = local.clamp(0, kt.shape[0] - 1)[:, None]
         keep = scores.gather(1, col)
         scores.scatter_(1, col, torch.where(inside[:, None], float("-inf"), keep))
-        tile_max, tile_arg = scores.max(dim=1)
-        better = tile_max > best
-        best = torch.where(better, tile_max, best)
-        best_idx = torch.where(better, tile_arg + c0, best_idx)
-    return best_idx
+        both = torch.cat([best, scores], dim=1)
+        both_idx = torch.cat([best_idx, torch.arange(c0, c0 + kt.shape[0], device=q.device).expand(b, -1)], 1)
+        best, arg = both.topk(num, dim=1)
+        best_idx = both_idx.gather(1, arg)
+    return best_idx, best > -BANNED / 2
+
+
+# A finite score for banned candidates, far below any s <q, k> + Gumbel noise (|s| <= 100, |<q,k>| <= 1).
+BANNED = 1e30

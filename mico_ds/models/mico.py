@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mico_ds.config import InputConfig, ModelConfig, ObjectiveConfig, RunConfig
-from mico_ds.data.schema import MODALITIES, SAMPLE_SOURCE, TEXT_IDS, TEXT_MASK, SpecialTokens
+from mico_ds.data.schema import MODALITIES, SAMPLE_SOURCE, SOURCE_GROUP, TEXT_IDS, TEXT_MASK, SpecialTokens
 from mico_ds.distributed import all_gather_no_grad, all_gather_with_grad, get_rank
 from mico_ds.models.context import MultimodalContext
 from mico_ds.models.decoder_rows import DecoderRows
@@ -40,7 +40,15 @@ from mico_ds.models.omni_encoder import OmniEncoder
 from mico_ds.models.text_branch import TextBranch, last_valid_index
 from mico_ds.objectives.contrastive import contrastive_loss, in_batch_top1
 from mico_ds.objectives.generation import generation_loss, mask_caption_tokens
-from mico_ds.objectives.matching import gather_texts, matching_labels, matching_loss, mine_hard_negatives
+from mico_ds.objectives.matching import (
+    caption_hash,
+    gather_texts,
+    listwise_matching_loss,
+    matching_labels,
+    matching_loss,
+    matching_metrics,
+    mine_hard_negatives,
+)
 from mico_ds.objectives.seeding import RandomStream, step_generator
 
 LOSS_KEYS = ("contrastive_loss", "matching_loss", "generation_loss")
@@ -232,7 +240,8 @@ class MiCoModel(nn.Module):
                 term whose config weight is 0: it is not computed) and ``loss`` = weighted sum.
             report: detached scalars: logit_scale, context_tokens, and when computed
                 retrieval_acc_k2t / retrieval_acc_t2k (in-batch top-1, local rows vs global columns),
-                matching_acc, masked_tokens (global count).
+                matching_pos_acc / matching_neg_acc / matching_balanced_acc / matching_top1
+                (objectives.matching: matching_metrics), masked_tokens (global count).
         """
         self._check_batch(batch)
         w = self.weights
@@ -258,7 +267,9 @@ class MiCoModel(nn.Module):
             if w["matching_loss"] > 0:
                 assert feats is not None
                 gen = self.generator(RandomStream.MATCHING, step, micro, ids.device)
-                self.add_matching_rows(rows, prefix, ids, mask, ids_all, mask_all, feats, scale, gen)
+                valid = self.add_matching_rows(
+                    rows, prefix, ids, mask, ids_all, mask_all, feats, scale, gen, batch.get(SOURCE_GROUP)
+                )
             if w["generation_loss"] > 0:
                 # (B, L) noise from a CPU generator: the same masks on every device, for a tiny copy.
                 gen = self.generator(RandomStream.GENERATION, step, micro, "cpu")
@@ -271,9 +282,10 @@ class MiCoModel(nn.Module):
                 :, all_prefix.shape[1] :
             ]  # (R, L, H)
             if MATCHING_ROWS in rows:  # Eq. 5
-                losses["matching_loss"], report["matching_acc"] = self.matching_term(
-                    rows.take(MATCHING_ROWS, h_text), rows.take(MATCHING_ROWS, all_mask)
+                losses["matching_loss"], figures = self.matching_term(
+                    rows.take(MATCHING_ROWS, h_text), rows.take(MATCHING_ROWS, all_mask), valid
                 )
+                report.update(figures)
             if GENERATION_ROWS in rows:  # Eq. 6
                 losses["generation_loss"], report["masked_tokens"] = self.generation_term(
                     rows.take(GENERATION_ROWS, h_text), ids, is_masked
@@ -316,31 +328,47 @@ class MiCoModel(nn.Module):
         f: GlobalFeatures,
         scale: torch.Tensor,
         gen: torch.Generator,
-    ) -> None:
-        """MiCo Eq. 5's 3b pairs: b positives, each context with a hard-negative text, each text with a
-        hard-negative context; negatives are mined from the global batch and may live on another rank."""
-        b = ids.shape[0]
+        source_group: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """MiCo Eq. 5's pairs: b positives, each context with k hard-negative texts, each text with k
+        hard-negative contexts (k = objectives.matching_negatives); negatives are mined from the global
+        batch and may live on another rank, never sharing the positive's caption or source group
+        (objectives.matching_dedup). Returns the (2bk,) validity of the negative pairs."""
+        b, k = ids.shape[0], self.objective_cfg.matching_negatives
         prefix_all = all_gather_with_grad(prefix)  # negatives' prefixes keep their gradient
         pos = torch.arange(b, device=ids.device) + get_rank() * b
+        groups = groups_all = None
+        if self.objective_cfg.matching_dedup:
+            cols = [caption_hash(ids, mask)]
+            if source_group is not None:
+                cols.append(source_group.to(ids.device, torch.int64))
+            groups = torch.stack(cols, dim=1)  # (b, G): text j and context j belong to sample j
+            groups_all = all_gather_no_grad(groups)
         impl, tile = self.objective_impl, self.objective_cfg.contrastive_tile
-        neg_t = mine_hard_negatives(
-            f.v_z, f.t_all, scale.detach(), pos, gen, impl, tile
-        )  # a text per context
-        neg_z = mine_hard_negatives(
-            f.v_t, f.z_all, scale.detach(), pos, gen, impl, tile
-        )  # a context per text
+        opts = {"num": k, "q_groups": groups, "k_groups": groups_all}
+        neg_t, ok_t = mine_hard_negatives(f.v_z, f.t_all, scale.detach(), pos, gen, impl, tile, **opts)
+        neg_z, ok_z = mine_hard_negatives(f.v_t, f.z_all, scale.detach(), pos, gen, impl, tile, **opts)
+        neg_t, neg_z = neg_t.flatten(), neg_z.flatten()  # query-major: row i's k negatives together
         rows.add(MATCHING_ROWS, prefix, ids, mask)
-        rows.add(MATCHING_ROWS, prefix, ids_all[neg_t], mask_all[neg_t])
-        rows.add(MATCHING_ROWS, prefix_all[neg_z], ids, mask)
+        rows.add(MATCHING_ROWS, prefix.repeat_interleave(k, 0), ids_all[neg_t], mask_all[neg_t])
+        rows.add(MATCHING_ROWS, prefix_all[neg_z], ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0))
+        return torch.cat([ok_t.flatten(), ok_z.flatten()])
 
-    def matching_term(self, h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """MiCo Eq. 5 on the matching rows' hidden states (3b, L, H): BCE of the matching head at each
-        row's last text token; returns (loss, thresholded accuracy)."""
+    def matching_term(
+        self, h: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """MiCo Eq. 5 on the matching rows' hidden states (b(1 + 2k), L, H): the matching head at each
+        row's last text token, pointwise BCE or listwise cross-entropy (objectives.matching_form);
+        returns (loss, balanced figures)."""
         last = last_valid_index(mask)
         logits = self.match_head(h[torch.arange(h.shape[0], device=last.device), last])
-        labels = matching_labels(h.shape[0] // 3, logits.device)
-        acc = ((logits.detach() > 0).float() == labels).float().mean()
-        return matching_loss(logits, labels), acc
+        k = self.objective_cfg.matching_negatives
+        b = h.shape[0] // (1 + 2 * k)
+        figures = matching_metrics(logits.detach(), b, k, valid)
+        if self.objective_cfg.matching_form == "listwise":
+            return listwise_matching_loss(logits, b, k, valid), figures
+        labels = matching_labels(b, logits.device, k)
+        return matching_loss(logits, labels, torch.cat([torch.ones_like(valid[:b]), valid])), figures
 
     def generation_term(
         self, h: torch.Tensor, ids: torch.Tensor, is_masked: torch.Tensor

@@ -17,6 +17,7 @@ def prepare_data(cfg: RunConfig) -> Tokenizer:
             cfg.data.root,
             num_train=cfg.demo.num_train,
             num_val=cfg.demo.num_val,
+            num_tune=cfg.demo.num_tune,
             progress=mdist.is_main_process(),
         )
     return run_tokenizer(cfg.data, cfg.demo)

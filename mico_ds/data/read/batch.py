@@ -24,6 +24,9 @@ def collate(samples: list[dict], modalities: Sequence[str], inputs: InputConfig)
     batch[schema.KEYS] = [s["key"] for s in samples]
     batch[schema.CAPTIONS] = [join_captions(s["fields"]) for s in samples]
     batch[schema.SAMPLE_SOURCE] = torch.zeros((len(samples), len(modalities)), dtype=torch.int64)
+    batch[schema.SOURCE_GROUP] = torch.tensor(
+        [schema.source_group(s.get("source", s["key"])) for s in samples], dtype=torch.int64
+    )
     for key in (schema.EVAL_TEXTS, schema.QA):
         if all(key in s for s in samples):
             batch[key] = [s[key] for s in samples]

@@ -19,6 +19,7 @@ skip ``no_audio_stream``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping, Sequence
 
@@ -60,6 +61,18 @@ def is_text(v: object) -> bool:
 def is_caption(v: object) -> bool:
     """A usable caption: non-blank text (:func:`is_text`)."""
     return is_text(v) and bool(v.strip())  # type: ignore[union-attr]
+
+
+def source_key(sample: Mapping[str, object], key: str) -> str:
+    """The recording a sample comes from: its json ``video_id`` (clips cut from one video share it),
+    else the sample key. Read after :func:`caption_fields` has checked the json member."""
+    raw = sample.get(schema.JSON_EXT)
+    if raw is not None:
+        with contextlib.suppress(ValueError, TypeError):
+            v = json.loads(raw).get(schema.SOURCE_KEY_FIELD)
+            if isinstance(v, (str, int)) and str(v):
+                return str(v)
+    return key
 
 
 def caption_fields(
@@ -178,7 +191,8 @@ class SampleDecoder:
             raise SkipSample(DECODE_ERROR, f"captions: {type(e).__name__}: {e}") from e
         if self.require_caption and not fields:
             raise SkipSample("missing_caption", f"none of the caption fields {list(self.caption_fields)}")
-        out: dict = {"key": str(sample.get("__key__", "")), "fields": fields}
+        key = str(sample.get("__key__", ""))
+        out: dict = {"key": key, "fields": fields, "source": source_key(sample, key)}
         crop: Crop | None = None
         for m in self.modalities:
             try:

@@ -195,6 +195,11 @@ class JoinedLoader:
         batch[schema.KEYS] = ["+".join(p[schema.KEYS][b] for p in parts) for b in range(n)]
         batch[schema.CAPTIONS] = [join_captions(f) for f in fields]
         batch[schema.SAMPLE_SOURCE] = torch.tensor([self.source_of] * n, dtype=torch.int64).view(n, -1)
+        # A joined sample's group names all of its parts (two joins share it only if every part does).
+        groups = [[str(int(g)) for g in p[schema.SOURCE_GROUP][:n]] for p in parts]
+        batch[schema.SOURCE_GROUP] = torch.tensor(
+            [schema.source_group("+".join(gs)) for gs in zip(*groups)], dtype=torch.int64
+        )
         batch[schema.CORPUS] = self.name
         tokenize_into(batch, batch[schema.CAPTIONS], resolve_tokenizer(self.tokenizer), self.text_max_len)
         return batch

@@ -118,3 +118,19 @@ def test_caption_fields_are_checked_and_reach_the_config() -> None:
     assert cfg.data.corpora[0].caption_fields == ["omni"] and cfg.data.val_caption_fields == ["omni"]
     with pytest.raises(ValueError, match=r"data.val_caption_fields=\['omin'\]"):
         load_config("debug", ["data.val_caption_fields=[omin]"])
+
+
+def test_source_group_is_the_json_video_id_else_the_key(jpg: bytes) -> None:
+    """Clips of one video share a source group (hard-negative mining never pairs them); a sample
+    without a video_id is its own group."""
+    from mico_ds.data.read.batch import collate
+
+    dec = SampleDecoder(["image"], INP, train=False)
+    raws = [sample(k, CAPS, jpg) for k in ("v1.1", "v1.2", "v2.1", "solo")]
+    for raw, vid in zip(raws, ["v1", "v1", "v2", None]):
+        if vid:
+            raw["json"] = json.dumps({"captions": CAPS, "video_id": vid}).encode()
+    batch = collate([dec(r) for r in raws], ["image"], INP)
+    g = batch[schema.SOURCE_GROUP].tolist()
+    assert g[0] == g[1] == schema.source_group("v1") and g[2] == schema.source_group("v2")
+    assert g[3] == schema.source_group("solo") and len(set(g)) == 3

@@ -1,5 +1,6 @@
 """The demo corpus: every modality decodes (PIL / PyAV / soundfile) to the generated geometry, every
-caption word is checked against the decoded media, val captions are unique, generation is seeded and
+caption word is checked against the decoded media, val captions are unique, the tune split is disjoint
+from val and train and leaves them (and the tokenizer) unchanged, generation is seeded and
 byte-reproducible, and ensure_demo_corpus is safe under concurrent callers."""
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from mico_ds.data import schema
 from mico_ds.data.io import expand_urls, iter_tar_samples
 from mico_ds.data.write.media import normals_from_depth
 
-TINY = {"num_train": 16, "num_val": 8, "samples_per_shard": 8, "progress": False}
+TINY = {"num_train": 16, "num_val": 8, "num_tune": 4, "samples_per_shard": 8, "progress": False}
 REPO = Path(__file__).resolve().parents[3]
 
 
@@ -53,7 +54,7 @@ def test_layout_index_and_sizes(corpus: tuple[Path, dict]) -> None:
     assert json.loads((out / demo.INDEX_FILE).read_text()) == index
     assert index["format_version"] == demo.FORMAT_VERSION
     assert index["params"]["num_single_pair"] == 8  # num_train // 2
-    expected = {("omni", "train"): 16, ("omni", "val"): 8}
+    expected = {("omni", "train"): 16, ("omni", "val"): 8, ("omni", "tune"): 4}
     expected |= {(c, "train"): 8 for c in ("image_text", "audio_text", "video_text")}
     found = {
         (c, s): info["num_samples"] for c, e in index["corpora"].items() for s, info in e["splits"].items()
@@ -78,6 +79,7 @@ def test_members_per_corpus(corpus: tuple[Path, dict]) -> None:
     expected = {
         "omni/train-*.tar": omni,
         "omni/val-*.tar": omni,
+        "omni/tune-*.tar": omni,
         "image_text/train-*.tar": {"jpg", "txt"},
         "audio_text/train-*.tar": {"flac", "json"},
         "video_text/train-*.tar": {"mp4", "json"},
@@ -87,7 +89,7 @@ def test_members_per_corpus(corpus: tuple[Path, dict]) -> None:
         for key, m in samples_of(out, pattern):
             assert set(m) == members, (pattern, key, sorted(m))
             keys.append(key)
-    assert len(keys) == len(set(keys)) == 16 + 8 + 3 * 8
+    assert len(keys) == len(set(keys)) == 16 + 8 + 4 + 3 * 8
     # tar headers are fixed (reproducible shards) and plain regular files
     with tarfile.open(next(out.glob("omni/train-*.tar"))) as tar:
         infos = tar.getmembers()
@@ -284,7 +286,7 @@ def test_same_seed_gives_byte_identical_shards_and_other_seed_differs(
     again = demo.make_demo_corpus(tmp_path / "again", **TINY)
     assert again["params"] == json.loads((out / demo.INDEX_FILE).read_text())["params"]
     ref, new = all_files(out), all_files(tmp_path / "again")
-    assert ref.keys() == new.keys() and len(ref) == 11
+    assert ref.keys() == new.keys() and len(ref) == 12
     assert [k for k in ref if ref[k] != new[k]] == []
     other = all_files(Path(demo.make_demo_corpus(tmp_path / "other", **TINY, seed=1) and tmp_path / "other"))
     tars = [k for k in ref if k.endswith(".tar")]
@@ -301,18 +303,56 @@ def test_worker_processes_do_not_change_the_output(tmp_path: Path) -> None:
 def test_regeneration_removes_stale_shards(tmp_path: Path) -> None:
     demo.make_demo_corpus(tmp_path, **{**TINY, "samples_per_shard": 4})
     assert len(list(tmp_path.glob("omni/train-*.tar"))) == 4
-    demo.make_demo_corpus(tmp_path, **TINY)
+    assert len(list(tmp_path.glob("omni/tune-*.tar"))) == 1
+    demo.make_demo_corpus(tmp_path, **{**TINY, "num_tune": 0})
     assert sorted(p.name for p in tmp_path.glob("omni/train-*.tar")) == [
         "train-000000.tar",
         "train-000001.tar",
     ]
+    assert not list(tmp_path.glob("omni/tune-*.tar"))
+    assert "tune" not in json.loads((tmp_path / demo.INDEX_FILE).read_text())["corpora"]["omni"]["splits"]
 
 
-def test_invalid_parameters_are_named() -> None:
-    with pytest.raises(ValueError, match="image_size=63"):
-        demo.make_demo_corpus("/nonexistent/never", image_size=63)
-    with pytest.raises(ValueError, match="num_frames=0"):
-        demo.DemoParams(num_frames=0)
+def omni_captions(out: Path, pattern: str) -> list[str]:
+    return [demo.joined_caption(json.loads(m["json"])["captions"]) for _, m in samples_of(out, pattern)]
+
+
+def test_tune_split_is_disjoint_from_val_and_train_and_leaves_val_unchanged() -> None:
+    redrawn = []
+    for seed in range(4):
+        base = dict(num_train=3000, num_val=256, single_pair=False, seed=seed)
+        without = demo.draw_codes(demo.DemoParams(**base, num_tune=0))
+        codes = demo.draw_codes(demo.DemoParams(**base, num_tune=128))
+        assert ("omni", "tune") not in without
+        assert np.array_equal(without["omni", "val"], codes["omni", "val"])  # same codes, same order
+        tune, val, train = (set(codes["omni", s].tolist()) for s in ("tune", "val", "train"))
+        assert len(codes["omni", "tune"]) == len(tune) == 128  # distinct tuples: unique captions
+        assert not tune & val and not tune & train and not val & train
+        # train is redrawn only where it used a tune tuple (the redraw shifts the later redraws)
+        hits = set(without["omni", "train"].tolist()) & tune
+        assert np.array_equal(without["omni", "train"], codes["omni", "train"]) == (not hits)
+        redrawn.append(bool(hits))
+    assert True in redrawn and False in redrawn  # both cases were exercised
+    # a tune split much larger than its share still avoids val
+    big = demo.draw_codes(demo.DemoParams(num_train=4, num_val=5000, num_tune=3000, single_pair=False))
+    assert len(set(big["omni", "tune"].tolist()) - set(big["omni", "val"].tolist())) == 3000
+    with pytest.raises(ValueError, match="num_tune=-1"):
+        demo.DemoParams(num_tune=-1)
+
+
+def test_tune_split_leaves_val_train_and_tokenizer_bytes_unchanged(
+    corpus: tuple[Path, dict], tmp_path: Path
+) -> None:
+    out, index = corpus
+    demo.make_demo_corpus(tmp_path, **{**TINY, "num_tune": 0})
+    ref, new = all_files(out), all_files(tmp_path)
+    assert sorted(set(ref) - set(new)) == ["omni/tune-000000.tar"]
+    assert [k for k in new if k != "omni/sizes.json" and ref[k] != new[k]] == []  # tokenizer included
+    tune_split = {"shards": "omni/tune-000000.tar", "num_samples": 4, "num_shards": 1}
+    assert index["corpora"]["omni"]["splits"]["tune"] == tune_split
+    tune = omni_captions(out, "omni/tune-*.tar")
+    others = set(omni_captions(out, "omni/val-*.tar")) | set(omni_captions(out, "omni/train-*.tar"))
+    assert len(set(tune)) == 4 and not set(tune) & others
 
 
 # ----------------------------------------------------------------------------- ensure_demo_corpus
@@ -320,7 +360,9 @@ def test_invalid_parameters_are_named() -> None:
 _ENSURE = """
 import json, sys
 from mico_ds.demo import ensure_demo_corpus
-index = ensure_demo_corpus(sys.argv[1], num_train=24, num_val=8, samples_per_shard=8, progress=False)
+index = ensure_demo_corpus(
+    sys.argv[1], num_train=24, num_val=8, num_tune=4, samples_per_shard=8, progress=False
+)
 print(json.dumps(index))
 """
 
@@ -343,15 +385,16 @@ def test_ensure_from_two_concurrent_processes_yields_one_valid_corpus(tmp_path: 
     assert a == b == json.loads((out / demo.INDEX_FILE).read_text())
     assert not list(out.rglob("*.tmp*"))
     n = sum(1 for shard in expand_urls(str(out / "omni")) for _ in iter_tar_samples(shard))
-    assert n == 24 + 8
+    assert n == 24 + 8 + 4
 
     # a second call reuses it; other parameters regenerate
     mtime = (out / demo.INDEX_FILE).stat().st_mtime_ns
-    assert demo.ensure_demo_corpus(out, num_train=24, num_val=8, samples_per_shard=8, progress=False) == a
+    same = dict(num_val=8, num_tune=4, samples_per_shard=8, progress=False)
+    assert demo.ensure_demo_corpus(out, num_train=24, **same) == a
     assert (out / demo.INDEX_FILE).stat().st_mtime_ns == mtime
-    c = demo.ensure_demo_corpus(out, num_train=16, num_val=8, samples_per_shard=8, progress=False)
+    c = demo.ensure_demo_corpus(out, num_train=16, **same)
     assert c["params"]["num_train"] == 16
-    assert sum(json.loads((out / "omni" / schema.SIZES_FILE).read_text()).values()) == 16 + 8
+    assert sum(json.loads((out / "omni" / schema.SIZES_FILE).read_text()).values()) == 16 + 8 + 4
 
 
 def test_make_demo_data_cli(tmp_path: Path) -> None:
@@ -364,6 +407,8 @@ def test_make_demo_data_cli(tmp_path: Path) -> None:
         "8",
         "--num-val",
         "4",
+        "--num-tune",
+        "2",
     ]
     res = subprocess.run(
         [*cmd, "--no-single-pair", "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=120
@@ -371,6 +416,7 @@ def test_make_demo_data_cli(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     index = json.loads((tmp_path / demo.INDEX_FILE).read_text())
     assert set(index["corpora"]) == {"omni"} and index["params"]["num_train"] == 8
+    assert index["corpora"]["omni"]["splits"]["tune"]["num_samples"] == 2
     assert "omni train" in " ".join(res.stdout.split())
     bad = subprocess.run([*cmd, "--image-size", "31"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "image_size=31" in bad.stderr

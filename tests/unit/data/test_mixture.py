@@ -149,6 +149,8 @@ def test_joined_samples_carry_their_sources(demo: Path) -> None:
         assert b["image"].shape == (2, 3, 32, 32) and b["video"].shape[1:3] == (cfg.inputs.num_frames, 3)
         # Modalities present, in MODALITIES order: image, video, audio -> source ids 1, 3, 2.
         assert torch.equal(b[schema.SAMPLE_SOURCE], torch.tensor([[1, 3, 2]] * 2))
+        # One source group per joined sample, from all of its parts.
+        assert b[schema.SOURCE_GROUP].shape == (2,) and len(set(b[schema.SOURCE_GROUP].tolist())) == 2
         for key, caption in zip(b[schema.KEYS], b[schema.CAPTIONS]):
             ki, ka, kv = key.split("+")  # one pair from each source, in joined_from order
             fi, fa, fv = caps["image_text"][ki], caps["audio_text"][ka], caps["video_text"][kv]

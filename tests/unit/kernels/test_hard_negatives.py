@@ -18,7 +18,9 @@ def test_never_returns_the_positive_even_when_it_dominates(tile, rng):
     # Each query is its positive key, scaled: the positive holds nearly all the softmax mass.
     q = k[pos] * 5.0
     for _ in range(20):
-        idx = sample_hard_negatives_tiled(q, k, torch.tensor(10.0), pos, rng, tile=tile)
+        idx, ok = sample_hard_negatives_tiled(q, k, torch.tensor(10.0), pos, rng, tile=tile)
+        assert ok.all() and idx.shape == (b, 1)
+        idx = idx[:, 0]
         assert idx.shape == (b,) and idx.dtype == torch.long
         assert ((idx >= 0) & (idx < n)).all()
         assert (idx != pos).all()
@@ -45,7 +47,7 @@ def test_matches_the_softmax_without_the_positive(tile, rng):
     # Replicate each row `draws` times: one call gives `draws` independent samples per row.
     idx = sample_hard_negatives_tiled(
         q.repeat_interleave(draws, 0), k, s, pos.repeat_interleave(draws), rng, tile=tile
-    ).view(rows, draws)
+    )[0].view(rows, draws)
     for r in range(rows):
         freq = torch.bincount(idx[r], minlength=n).double() / draws
         assert freq[pos[r]] == 0
@@ -60,7 +62,7 @@ def test_same_generator_seed_same_draw(rng):
     pos = torch.randint(0, 13, (9,), generator=rng)
     a = sample_hard_negatives_tiled(q, k, torch.tensor(3.0), pos, torch.Generator().manual_seed(7), tile=4)
     b = sample_hard_negatives_tiled(q, k, torch.tensor(3.0), pos, torch.Generator().manual_seed(7), tile=4)
-    assert torch.equal(a, b)
+    assert torch.equal(a[0], b[0])
 
 
 def test_bad_arguments_raise_value_errors():

@@ -88,7 +88,7 @@ def test_zero_weight_terms_are_skipped(
         if any(name.startswith(pre) for pre in no_grad_prefixes):
             assert p.grad is None, name
     assert ("masked_tokens" in report) == (weights[2] > 0)
-    assert ("matching_acc" in report) == (weights[1] > 0)
+    assert ("matching_balanced_acc" in report) == (weights[1] > 0)
 
 
 def test_loss_is_the_weighted_sum() -> None:
@@ -132,12 +132,22 @@ def test_generation_loss_equals_a_hand_built_reference() -> None:
     assert not torch.allclose(losses["generation_loss"], every)
 
 
-@pytest.mark.parametrize("impl", ["naive", "torch"])
-def test_matching_loss_equals_a_hand_built_reference(impl: str) -> None:
-    """3b pairs: positives, each context with a sampled hard-negative text, each text with a
-    sampled hard-negative context; mean BCE (Eq. 5). The tiled kernels sample by Gumbel-max over tiles."""
+@pytest.mark.parametrize(
+    ("impl", "form", "k"),
+    [
+        ("naive", "pointwise", 1),
+        ("torch", "pointwise", 1),
+        ("naive", "listwise", 2),
+        ("torch", "listwise", 3),
+    ],
+)
+def test_matching_loss_equals_a_hand_built_reference(impl: str, form: str, k: int) -> None:
+    """b(1 + 2k) pairs: positives, each context with k sampled hard-negative texts, each text with k
+    sampled hard-negative contexts; mean BCE (Eq. 5) or, listwise, per query the cross-entropy of its
+    positive among its 1 + k candidates. The tiled kernels sample by Gumbel-top-k over tiles."""
     model = _model((0.0, 1.0, 0.0)).eval()
     model.objective_impl = impl
+    model.objective_cfg.matching_form, model.objective_cfg.matching_negatives = form, k
     tile = model.objective_cfg.contrastive_tile = 3  # several tiles over the 4 candidates
     sample = sample_hard_negatives if impl == "naive" else partial(sample_hard_negatives_tiled, tile=tile)
     batch = make_random_batch(make_tiny_config(), ["image", "audio"], 4, seed=5)
@@ -147,22 +157,33 @@ def test_matching_loss_equals_a_hand_built_reference(impl: str) -> None:
         scale = model.logit_scale()
         g = model.generator(RandomStream.MATCHING, 3, 0, ids.device)
         pos = torch.arange(4)
-        neg_t = sample(v_z, v_t, scale, pos, g)
-        neg_z = sample(v_t, v_z, scale, pos, g)
+        neg_t, ok_t = sample(v_z, v_t, scale, pos, g, num=k)
+        neg_z, ok_z = sample(v_t, v_z, scale, pos, g, num=k)
+        assert ok_t.all() and ok_z.all()  # random captions: nothing shares a caption hash
         prefix = model.context_prefix(batch)
-        logits = torch.cat(
-            [
-                model.matching_scores(prefix, ids, mask),
-                model.matching_scores(prefix, ids[neg_t], mask[neg_t]),
-                model.matching_scores(prefix[neg_z], ids, mask),
-            ]
+        s_pos = model.matching_scores(prefix, ids, mask)  # (4,)
+        s_t = torch.stack(
+            [model.matching_scores(prefix, ids[neg_t[:, j]], mask[neg_t[:, j]]) for j in range(k)], 1
         )
-        labels = torch.tensor([1.0] * 4 + [0.0] * 8)
-        ref = F.binary_cross_entropy_with_logits(logits, labels)
+        s_z = torch.stack([model.matching_scores(prefix[neg_z[:, j]], ids, mask) for j in range(k)], 1)
+        if form == "pointwise":
+            logits = torch.cat([s_pos, s_t.flatten(), s_z.flatten()])
+            ref = F.binary_cross_entropy_with_logits(logits, torch.tensor([1.0] * 4 + [0.0] * 8 * k))
+        else:
+            ref = 0.0
+            for neg in (s_t, s_z):
+                for i in range(4):
+                    row = torch.cat([s_pos[i : i + 1], neg[i]])
+                    ref = ref + (torch.logsumexp(row, 0) - row[0]) / 8
         losses, report = model(batch, step=3)
-    assert not (neg_t == pos).any() and not (neg_z == pos).any()
-    torch.testing.assert_close(losses["matching_loss"], ref)
-    torch.testing.assert_close(report["matching_acc"], ((logits > 0).float() == labels).float().mean())
+    assert not (neg_t == pos[:, None]).any() and not (neg_z == pos[:, None]).any()
+    assert all(len(set(r.tolist())) == k for r in (*neg_t, *neg_z))  # without replacement
+    torch.testing.assert_close(losses["matching_loss"], torch.as_tensor(ref, dtype=torch.float32))
+    negs = torch.cat([s_t.flatten(), s_z.flatten()])
+    pos_acc, neg_acc = (s_pos > 0).float().mean(), (negs <= 0).float().mean()
+    torch.testing.assert_close(report["matching_balanced_acc"], (pos_acc + neg_acc) / 2)
+    top1 = torch.cat([(s_pos[:, None] > s_t).all(1), (s_pos[:, None] > s_z).all(1)]).float().mean()
+    torch.testing.assert_close(report["matching_top1"], top1)
 
 
 def test_contrastive_term_with_the_configured_kernel_equals_naive() -> None:
