@@ -199,7 +199,8 @@ def test_bad_and_unusual_samples_are_counted_skips_not_a_stopped_run(tmp_path: P
     from mico_ds.demo import ensure_demo_corpus
 
     data = tmp_path / "data"
-    ensure_demo_corpus(data, num_train=64, num_val=32, num_tune=32, progress=False)  # the debug recipe's corpus
+    # the debug recipe's corpus
+    ensure_demo_corpus(data, num_train=64, num_val=32, num_tune=32, progress=False)
     done = rewrite_with_bad_samples(data / "omni" / "train-000000.tar")
     run = tmp_path / "run"
     args = [*data_overrides(data), "--train.max_steps=10", "--train.save_every=0", "--data.num_workers=2",
