@@ -4,7 +4,8 @@ Nothing is downloaded: every sample is rendered from an attribute tuple (the sam
 captions are described in ``mico_ds.demo.world``). The held-out ``val`` split draws distinct attribute
 tuples (so its concatenated captions are unique, for retrieval evaluation); the held-out ``tune``
 split (choices made before reporting on ``val``, e.g. ``eval.rerank_weight``) draws distinct tuples
-that are not ``val``'s, and ``train`` never uses a ``val`` or ``tune`` tuple. Three single-pair
+used by neither ``val`` nor ``train`` (drawn last: both are unchanged by it), and ``train`` never uses
+a ``val`` tuple. Three single-pair
 corpora exercise corpus mixing and joined samples (MiCo Eq. 3): ``image_text`` (jpg + txt, the
 img2dataset/OpenCLIP layout), ``audio_text`` (flac + json) and ``video_text`` (mp4 + json).
 
@@ -118,7 +119,7 @@ def build_sample(params: DemoParams, corpus: str, split: str, index: int, code: 
 
 
 def draw_codes(params: DemoParams) -> dict[tuple[str, str], np.ndarray]:
-    """Attribute codes per (corpus, split): val distinct, tune distinct and disjoint from val, train
+    """Attribute codes per (corpus, split): val distinct, train disjoint from val, tune distinct and
     disjoint from both, single-pair free."""
     out: dict[tuple[str, str], np.ndarray] = {}
     rng = np.random.default_rng([params.seed, 1000])  # val first: train is drawn to avoid its tuples
@@ -128,17 +129,18 @@ def draw_codes(params: DemoParams) -> dict[tuple[str, str], np.ndarray]:
         else np.zeros(0, np.int64)
     )
     val_codes = set(val.tolist())
-    # tune from its own generator, so that val (and train, but for a redraw) is what it was without it
-    tune = np.zeros(0, np.int64)
-    if params.num_tune:
-        size = min(NUM_COMBINATIONS, params.num_tune + params.num_val)  # >= num_tune outside val
-        draw = np.random.default_rng([params.seed, 1001]).choice(NUM_COMBINATIONS, size=size, replace=False)
-        tune = np.asarray([c for c in draw.tolist() if c not in val_codes][: params.num_tune], np.int64)
-    held_out = val_codes | set(tune.tolist())
+    held_out = val_codes
     train = rng.integers(0, NUM_COMBINATIONS, size=params.num_train)
     for i in range(len(train)):
-        while int(train[i]) in held_out:  # rare: (num_val + num_tune) / 663,552 per draw
+        while int(train[i]) in held_out:  # rare: num_val / 663,552 per draw
             train[i] = rng.integers(0, NUM_COMBINATIONS)
+    # tune last, from its own generator, avoiding val and train: both are what they were without it
+    tune = np.zeros(0, np.int64)
+    if params.num_tune:
+        taken = val_codes | set(train.tolist())
+        size = min(NUM_COMBINATIONS, params.num_tune + len(taken))  # >= num_tune outside val and train
+        draw = np.random.default_rng([params.seed, 1001]).choice(NUM_COMBINATIONS, size=size, replace=False)
+        tune = np.asarray([c for c in draw.tolist() if c not in taken][: params.num_tune], np.int64)
     out["omni", "train"] = train.astype(np.int64)
     if params.num_val:
         out["omni", "val"] = np.asarray(val, dtype=np.int64)
