@@ -354,4 +354,4 @@ def test_sample_decoder_all_modalities_and_missing_one() -> None:
         dec(sample, np.random.default_rng(0))
     assert e.value.reason == "missing_modality"
     # Extra members are ignored: an image-only decoder does not touch the (absent) audio.
-    assert set(D.SampleDecoder(["image"], INP, train=False)(sample)) == {"key", "fields", "image"}
+    assert set(D.SampleDecoder(["image"], INP, train=False)(sample)) == {"key", "fields", "source", "image"}
