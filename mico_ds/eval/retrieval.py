@@ -78,11 +78,7 @@ def rerank_scores(sim: torch.Tensor, topk: torch.Tensor, match: torch.Tensor) ->
         topk: (Q, k) candidate indices of each query's top-k.
         match: (Q, k) matching logits of those pairs.
     """
-    sim = sim.double()
-    match = match.double()
-    # An offset that puts every reranked candidate above every other one, whatever the logits.
-    offset = sim.max() - match.min() + 1.0
-    return sim.scatter(1, topk, match + offset)
+    return fused_scores(sim, topk, match, scale=0.0, weight=1.0)  # the matching logit alone
 
 
 def fused_scores(
@@ -99,7 +95,7 @@ def fused_scores(
     """
     sim = sim.double()
     fused = float(scale) * sim.gather(1, topk) + float(weight) * match.double()
-    # As in rerank_scores: the reranked candidates above every other one.
+    # An offset that puts every reranked candidate above every other one, whatever the logits.
     offset = sim.max() - fused.min() + 1.0
     return sim.scatter(1, topk, fused + offset)
 
