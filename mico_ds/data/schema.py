@@ -14,6 +14,10 @@ Batch legend (what ``MiCoModel.forward`` receives; B = batch, T = frames, N = au
     sample_source  int64 (B, M)  per present modality (in MODALITIES order) the id of the corpus it was
                                  drawn from when a sample is joined from several corpora (MiCo Eq. 3);
                                  all zeros for samples that come whole from one corpus
+    text_source    int64 (B, L)  joined batches only: per token, the source_id of the corpus its caption
+                                 came from (E_Sam of the text features, MiCo Eq. 3); BOS and each
+                                 separator go with the caption after them, EOS with the last; 0 on
+                                 padding
     source_group   int64 (B,)    hash of the sample's source key (json "video_id", else its key; joined
                                  samples combine their parts'): clips of one video share it, and hard-
                                  negative mining never draws a candidate of the positive's group
@@ -65,6 +69,7 @@ TXT_EXT = "txt"
 TEXT_IDS = "text_ids"
 TEXT_MASK = "text_mask"
 SAMPLE_SOURCE = "sample_source"
+TEXT_SOURCE = "text_source"
 SOURCE_GROUP = "source_group"
 KEYS = "keys"
 CAPTIONS = "captions"

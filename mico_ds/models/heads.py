@@ -44,6 +44,18 @@ class MatchHead(nn.Module):
         return self.net(h).squeeze(-1)
 
 
+class SamplingEmbedding(nn.Module):
+    """E_Sam of MiCo Eq. 3 on the text side: one learned vector per source corpus, zero at start, added
+    to the text features of the tokens that came from that corpus (row 0: text from one corpus)."""
+
+    def __init__(self, num_sources: int, hidden: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_sources, hidden))
+
+    def forward(self, source_BL: torch.Tensor) -> torch.Tensor:  # (B, L) int64 -> (B, L, H)
+        return nn.functional.embedding(source_BL, self.weight)
+
+
 class PrefixProjector(nn.Module):
     """Fused context tokens (width D) -> LLM prefix embeddings (Llama hidden size), LLaVA-style MLP."""
 

@@ -31,11 +31,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from mico_ds.config import InputConfig, ModelConfig, ObjectiveConfig, RunConfig
-from mico_ds.data.schema import MODALITIES, SAMPLE_SOURCE, SOURCE_GROUP, TEXT_IDS, TEXT_MASK, SpecialTokens
+from mico_ds.data.schema import (
+    MODALITIES,
+    SAMPLE_SOURCE,
+    SOURCE_GROUP,
+    TEXT_IDS,
+    TEXT_MASK,
+    TEXT_SOURCE,
+    SpecialTokens,
+)
 from mico_ds.distributed import all_gather_no_grad, all_gather_with_grad, get_rank
 from mico_ds.models.context import MultimodalContext
 from mico_ds.models.decoder_rows import DecoderRows
-from mico_ds.models.heads import LogitScale, MatchHead, PrefixProjector, ProjectionHead
+from mico_ds.models.heads import LogitScale, MatchHead, PrefixProjector, ProjectionHead, SamplingEmbedding
 from mico_ds.models.omni_encoder import OmniEncoder
 from mico_ds.models.text_branch import TextBranch, last_valid_index
 from mico_ds.objectives.contrastive import contrastive_loss, in_batch_top1
@@ -109,6 +117,7 @@ class MiCoModel(nn.Module):
         h = self.text.hidden_size
         self.proj_z = ProjectionHead(model.vision.width, model.embed_dim)
         self.proj_t = ProjectionHead(h, model.embed_dim)
+        self.text_sam = SamplingEmbedding(model.context.num_sources, h)
         self.match_head = MatchHead(h)
         self.prefix_proj = PrefixProjector(model.vision.width, h)
         self.logit_scale = LogitScale(objectives.init_temperature, objectives.max_logit_scale)
@@ -177,7 +186,21 @@ class MiCoModel(nn.Module):
 
     def embed_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """L2-normalized text features v_t (B, E) (retrieval)."""
-        return F.normalize(self.proj_t(self.text.text_features(text_ids, text_mask)).float(), dim=-1)
+        return F.normalize(self.proj_t(self.text_feature(text_ids, text_mask)).float(), dim=-1)
+
+    def text_feature(
+        self, ids: torch.Tensor, mask: torch.Tensor, text_source: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """z_T (B, H) of MiCo Eq. 2-3: the text-only pass, plus E_Sam of each token's source corpus
+        (``text_source`` (B, L) of a joined batch; None: row 0, text that came whole from one corpus),
+        pooled over the valid tokens."""
+        hidden = self.text(ids, mask).hidden
+        src = torch.zeros_like(ids) if text_source is None else text_source.to(ids.device, torch.int64)
+        if src.shape != ids.shape:
+            raise ValueError(
+                f"batch['text_source'] has shape {tuple(src.shape)}, batch['text_ids'] {tuple(ids.shape)}"
+            )
+        return self.text.pool(hidden + self.text_sam(src).to(hidden.dtype), mask)
 
     def matching_scores(
         self, batch_or_prefix: dict[str, Any] | torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
@@ -255,7 +278,7 @@ class MiCoModel(nn.Module):
         }
         feats = None
         if w["contrastive_loss"] > 0 or w["matching_loss"] > 0:
-            feats = self.global_features(z, ids, mask)
+            feats = self.global_features(z, ids, mask, batch.get(TEXT_SOURCE))
             report.update(self.in_batch_accuracy(feats))
             if w["contrastive_loss"] > 0:
                 losses["contrastive_loss"] = self.contrastive_term(feats, scale)  # Eq. 4
@@ -296,11 +319,13 @@ class MiCoModel(nn.Module):
         losses["loss"] = total  # type: ignore[assignment]
         return losses, report
 
-    def global_features(self, z: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> GlobalFeatures:
+    def global_features(
+        self, z: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, text_source: torch.Tensor | None = None
+    ) -> GlobalFeatures:
         """Normalized knowledge and text features, local with gradient and gathered without (Eq. 4).
         With a tiled kernel nothing below holds the (b, world*b) similarities."""
         v_z = F.normalize(self.proj_z(z).float(), dim=-1)
-        v_t = F.normalize(self.proj_t(self.text.text_features(ids, mask)).float(), dim=-1)
+        v_t = F.normalize(self.proj_t(self.text_feature(ids, mask, text_source)).float(), dim=-1)
         return GlobalFeatures(v_z, v_t, all_gather_no_grad(v_z.detach()), all_gather_no_grad(v_t.detach()))
 
     def in_batch_accuracy(self, f: GlobalFeatures) -> dict[str, torch.Tensor]:

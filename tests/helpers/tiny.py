@@ -33,6 +33,7 @@ from mico_ds.data.schema import (
     SAMPLE_SOURCE,
     TEXT_IDS,
     TEXT_MASK,
+    TEXT_SOURCE,
     SpecialTokens,
 )
 
@@ -92,7 +93,8 @@ def make_random_batch(
     """A random batch with the given modalities, shaped by ``cfg.inputs`` (schema.py legend).
 
     Captions are BOS + 3..text_len-2 word ids + EOS, right-padded with pad_id. ``sample_source`` is
-    all zeros unless ``joined`` (then random rows of E_Sam per modality).
+    all zeros unless ``joined`` (then random rows of E_Sam per modality, and a random ``text_source``
+    per token).
     """
     unknown = [m for m in modalities if m not in MODALITIES]
     if unknown or not modalities:
@@ -125,6 +127,9 @@ def make_random_batch(
     else:
         src = torch.zeros((b, len(present)), dtype=torch.long)
     batch[SAMPLE_SOURCE] = src
+    if joined:  # random per-token sources of the caption (E_Sam of the text features), 0 on padding
+        n_src = cfg.model.context.num_sources
+        batch[TEXT_SOURCE] = torch.randint(0, n_src, (b, text_len), generator=g) * mask
     batch[KEYS] = [f"sample-{seed}-{r:04d}" for r in range(b)]
     batch[CAPTIONS] = [
         " ".join(str(t) for t in ids[r, 1 : n - 1].tolist()) for r, n in enumerate(lengths.tolist())

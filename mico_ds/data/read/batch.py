@@ -41,6 +41,36 @@ def tokenize_into(batch: dict, texts: list[str], tokenizer: TextTokenizer | None
     batch[schema.TEXT_MASK] = torch.as_tensor(mask, dtype=torch.int64)
 
 
+def token_sources(
+    pieces: list[list[tuple[str, int]]], ids_BL: torch.Tensor, mask_BL: torch.Tensor, tokenizer: TextTokenizer
+) -> torch.Tensor:
+    """Per token of each encoded caption, the source id of the piece it belongs to (``text_source``).
+
+    ``pieces[b]`` lists sample b's captions with their sources, in the order
+    ``schema.CAPTION_SEP.join`` concatenated them into the text that was encoded into row b of
+    ``ids_BL``/``mask_BL``. A piece's end is found by encoding the text up to it: the tokenizer splits at
+    whitespace (Llama-2's SentencePiece settings), so a prefix ending at a word boundary tokenizes as
+    the start of the whole. BOS and each separator go with the piece after them, EOS with the last
+    piece, padding is 0.
+    """
+    out = torch.zeros_like(ids_BL, dtype=torch.int64)
+    prefixes = [schema.CAPTION_SEP.join(t for t, _ in ps[: i + 1]) for ps in pieces for i in range(len(ps))]
+    if not prefixes:
+        return out
+    _, pmask = tokenizer.encode(prefixes, max_len=1 << 20)
+    ends = (torch.as_tensor(pmask).sum(dim=1) - 1).tolist()  # BOS + tokens: the row index after the piece
+    row_len = torch.as_tensor(mask_BL).sum(dim=1).tolist()
+    j = 0
+    for b, ps in enumerate(pieces):
+        start, n = 0, int(row_len[b])
+        for i, (_, src) in enumerate(ps):
+            end = n if i == len(ps) - 1 else min(int(ends[j + i]), n)
+            out[b, start:end] = src
+            start = max(start, end)
+        j += len(ps)
+    return out
+
+
 def to_device(batch: dict[str, Any], device: torch.device | str, bf16: bool) -> dict[str, Any]:
     """A collated batch's tensors to ``device`` (floating ones to bf16 when asked); lists and strings
     as they are."""

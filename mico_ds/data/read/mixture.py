@@ -23,7 +23,7 @@ import torch
 from mico_ds.config import CorpusConfig, DataConfig, InputConfig, RunConfig
 from mico_ds.data import schema
 from mico_ds.data.apportion import largest_remainder
-from mico_ds.data.read.batch import tokenize_into
+from mico_ds.data.read.batch import token_sources, tokenize_into
 from mico_ds.data.read.decode import join_captions
 from mico_ds.data.read.loader import FROM_DATA, CorpusLoader, EvalLoader
 from mico_ds.data.tokenizer import TextTokenizer, resolve_tokenizer
@@ -169,6 +169,7 @@ class JoinedLoader:
         self.sources = list(sources)
         self.modalities = [m for m in schema.MODALITIES if m in seen]
         self.source_of = [source_ids[seen[m]] for m in self.modalities]  # per present modality
+        self.source_ids = list(source_ids)
         self.tokenizer = tokenizer
         self.text_max_len = text_max_len
 
@@ -184,14 +185,17 @@ class JoinedLoader:
                 if m in p:
                     batch[m] = p[m][:n]
         batch = {m: batch[m] for m in self.modalities}
-        fields = []
+        fields, pieces = [], []
         for b in range(n):
             merged: dict[str, str] = {}
+            mine: list[tuple[str, int]] = []  # (caption, source id) in the order they are joined
             for f in schema.TEXT_FIELDS:
-                texts = [pf[b][f] for pf in part_fields if pf[b].get(f)]
+                texts = [(pf[b][f], sid) for pf, sid in zip(part_fields, self.source_ids) if pf[b].get(f)]
                 if texts:
-                    merged[f] = schema.CAPTION_SEP.join(texts)
+                    merged[f] = schema.CAPTION_SEP.join(t for t, _ in texts)
+                    mine.extend(texts)
             fields.append(merged)
+            pieces.append(mine)
         batch[schema.KEYS] = ["+".join(p[schema.KEYS][b] for p in parts) for b in range(n)]
         batch[schema.CAPTIONS] = [join_captions(f) for f in fields]
         batch[schema.SAMPLE_SOURCE] = torch.tensor([self.source_of] * n, dtype=torch.int64).view(n, -1)
@@ -201,7 +205,11 @@ class JoinedLoader:
             [schema.source_group("+".join(gs)) for gs in zip(*groups)], dtype=torch.int64
         )
         batch[schema.CORPUS] = self.name
-        tokenize_into(batch, batch[schema.CAPTIONS], resolve_tokenizer(self.tokenizer), self.text_max_len)
+        tok = resolve_tokenizer(self.tokenizer)
+        tokenize_into(batch, batch[schema.CAPTIONS], tok, self.text_max_len)
+        if tok is not None:
+            ids, mask = batch[schema.TEXT_IDS], batch[schema.TEXT_MASK]
+            batch[schema.TEXT_SOURCE] = token_sources(pieces, ids, mask, tok)
         return batch
 
     def state_dict(self) -> dict:

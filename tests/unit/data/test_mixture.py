@@ -23,6 +23,7 @@ from mico_ds.data.read.mixture import (
     build_train_loader,
     step_counts,
 )
+from mico_ds.data.tokenizer import Tokenizer
 from mico_ds.demo.corpus import make_demo_corpus
 
 
@@ -133,7 +134,8 @@ def shard_captions(root: Path, pattern: str) -> dict[str, dict[str, str]]:
 
 
 def test_joined_samples_carry_their_sources(demo: Path) -> None:
-    cfg = demo_cfg(demo)
+    cfg = demo_cfg(demo, "data.text_max_len=512")  # no caption is cut: every source keeps its span
+    tok = Tokenizer.from_path(cfg.data.tokenizer)
     by_name = {c.name: c for c in cfg.data.corpora}
     joined = build_corpus_loader(
         by_name["joined"], by_name, cfg.inputs, cfg.data, seed=0, tokenizer=cfg.data.tokenizer
@@ -156,6 +158,23 @@ def test_joined_samples_carry_their_sources(demo: Path) -> None:
             fi, fa, fv = caps["image_text"][ki], caps["audio_text"][ka], caps["video_text"][kv]
             expected = {"vision": f"{fi['vision']}{schema.CAPTION_SEP}{fv['vision']}", "audio": fa["audio"]}
             assert caption == join_captions(expected)  # vision (image, then video) before audio: Eq. 2
+        # text_source: each source's token span decodes to its own caption (the separator before it
+        # goes with it); the spans come in join order, and padding is 0.
+        src, ids, mask = b[schema.TEXT_SOURCE], b[schema.TEXT_IDS], b[schema.TEXT_MASK]
+        assert src.shape == ids.shape and src.dtype == torch.int64
+        for row, key in enumerate(b[schema.KEYS]):
+            ki, ka, kv = key.split("+")
+            want = {
+                1: caps["image_text"][ki]["vision"],
+                3: caps["video_text"][kv]["vision"],
+                2: caps["audio_text"][ka]["audio"],
+            }
+            n = int(mask[row].sum())
+            assert torch.unique_consecutive(src[row, :n]).tolist() == [1, 3, 2]
+            assert (src[row, n:] == 0).all()
+            for sid, text in want.items():
+                span = tok.decode(ids[row, :n][src[row, :n] == sid]).strip()
+                assert span.removeprefix(schema.CAPTION_SEP.strip()).strip() == text, (sid, span, text)
 
 
 def test_joined_corpus_validates_modalities(demo: Path) -> None:

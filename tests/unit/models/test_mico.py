@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mico_ds.config import InputConfig, ModelConfig, RunConfig, TextConfig, VisionConfig
-from mico_ds.data.schema import MODALITIES, SpecialTokens
+from mico_ds.data.schema import MODALITIES, TEXT_IDS, TEXT_MASK, TEXT_SOURCE, SpecialTokens
 from mico_ds.kernels.contrastive import sample_hard_negatives_tiled
 from mico_ds.models.mico import MiCoModel
 from mico_ds.objectives.contrastive import resolve_impl
@@ -70,7 +70,7 @@ def test_forward_backward_every_expected_parameter_gets_a_gradient(mods: list[st
         ((1.0, 0.0, 1.0), ["match_head."]),
         ((1.0, 1.0, 0.0), []),
         ((1.0, 0.0, 0.0), ["match_head.", "prefix_proj."]),
-        ((0.0, 0.0, 1.0), ["match_head.", "proj_z.", "proj_t.", "logit_scale."]),
+        ((0.0, 0.0, 1.0), ["match_head.", "proj_z.", "proj_t.", "logit_scale.", "text_sam."]),
     ],
 )
 def test_zero_weight_terms_are_skipped(
@@ -89,6 +89,30 @@ def test_zero_weight_terms_are_skipped(
             assert p.grad is None, name
     assert ("masked_tokens" in report) == (weights[2] > 0)
     assert ("matching_balanced_acc" in report) == (weights[1] > 0)
+
+
+def test_text_features_carry_the_sampling_embedding_of_each_token() -> None:
+    # MiCo Eq. 3, text side: z_T = pool(f'(x_T) + E_Sam[source of each token]); without text_source
+    # every token takes row 0 (text from one corpus), so retrieval features equal training's.
+    model = _model().eval()
+    batch = make_random_batch(make_tiny_config(), ["image"], 4, seed=5, joined=True)
+    ids, mask, src = batch[TEXT_IDS], batch[TEXT_MASK], batch[TEXT_SOURCE]
+    with torch.no_grad():
+        model.text_sam.weight.normal_()
+        hidden = model.text(ids, mask).hidden
+        w = model.text_sam.weight
+        m = mask.unsqueeze(-1).float()
+        want = ((hidden + w[src]) * m).sum(1) / m.sum(1)
+        torch.testing.assert_close(model.text_feature(ids, mask, src), want)
+        want0 = ((hidden + w[0]) * m).sum(1) / m.sum(1)
+        torch.testing.assert_close(model.text_feature(ids, mask), want0)
+        torch.testing.assert_close(model.embed_text(ids, mask), F.normalize(model.proj_t(want0), dim=-1))
+        # the training forward reads the batch's text_source
+        a = model(batch)[0]["contrastive_loss"]
+        b = model({k: v for k, v in batch.items() if k != TEXT_SOURCE})[0]["contrastive_loss"]
+        assert not torch.isclose(a, b)
+        with pytest.raises(ValueError, match="text_source"):
+            model.text_feature(ids, mask, src[:, :-1])
 
 
 def test_loss_is_the_weighted_sum() -> None:
