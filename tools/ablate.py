@@ -6,12 +6,16 @@ appendix B.3 protocol: retrieval (contrastive, and the top-k reranked by the mat
 captioning (CIDEr-D) and open-ended QA (exact match), all on the variant's own modalities, plus
 image-only retrieval (the one input every variant was trained on: a fixed benchmark).
 
-    python tools/ablate.py                       # every variant, ~30-40 min on 2 CPU cores
+    python tools/ablate.py                       # every variant, one seed, ~30-40 min on 2 CPU cores
+    python tools/ablate.py --seeds 3             # three seeds each: mean +- std of every figure
     python tools/ablate.py --variants l,m,f --steps 40 --out runs/ablation-small
     python tools/ablate.py --table-only          # re-read finished runs, print the table
 
-Writes OUT/recipes/<id>.yaml (the exact recipe of each variant), OUT/runs/<id>/ (run directories),
-OUT/results.json, OUT/table.md and OUT/loss_curves.png (tools/plot_runs.py).
+Seed s of variant v is the run OUT/runs/<v>-s<s>/ (``train.seed`` = s: initialization, data order,
+masking and mining all change with it); finished runs are reused, so an interrupted ablation goes on
+where it stopped. Writes OUT/recipes/<v>-s<s>.yaml (the exact recipe of each run), OUT/results.json
+(every run's figures and the per-variant mean and std), OUT/table.md and OUT/loss_curves.png
+(tools/plot_runs.py, the first seed of each variant).
 """
 
 from __future__ import annotations
@@ -41,10 +45,14 @@ VARIANTS: dict[str, tuple[str, str, list[str], tuple[float, float, float]]] = {
 ORDER = ["l", "m", "f", "a", "d", "e"]
 
 
-def variant_recipe(vid: str, args: argparse.Namespace) -> dict:
-    """The demo recipe with one omni corpus carrying the variant's modalities and objective weights."""
+def variant_recipe(vid: str, args: argparse.Namespace, seed: int | None = None) -> dict:
+    """The demo recipe with one omni corpus carrying the variant's modalities and objective weights,
+    trained with ``train.seed`` = ``seed`` (default ``args.seed``)."""
     raw = yaml.safe_load((REPO / "mico_ds" / "recipes" / "demo.yaml").read_text())
     row, label, mods, (wc, wm, wg) = VARIANTS[vid]
+    seed = args.seed if seed is None else seed
+    demo_steps, demo_warmup = raw["train"]["max_steps"], raw["optim"]["warmup_steps"]
+    demo_eval = raw["eval"]
     raw["name"] = f"ablate-{vid}"
     raw["data"]["root"] = args.data_root
     raw["data"]["tokenizer"] = f"{args.data_root}/tokenizer/tokenizer.model"
@@ -58,9 +66,9 @@ def variant_recipe(vid: str, args: argparse.Namespace) -> dict:
         matching_weight=wm * o.get("matching_weight", 1.0),
         generation_weight=wg * o.get("generation_weight", 1.0),
     )
-    raw["optim"]["warmup_steps"] = max(1, args.steps // 10)
+    raw["optim"]["warmup_steps"] = max(1, round(demo_warmup * args.steps / demo_steps))  # the demo's share
     raw["train"].update(
-        max_steps=args.steps, log_every=args.log_every, save_every=args.steps, eval_every=0, seed=args.seed,
+        max_steps=args.steps, log_every=args.log_every, save_every=args.steps, eval_every=0, seed=seed,
         progress=False,
     )  # fmt: skip
     raw["eval"] = {
@@ -71,6 +79,9 @@ def variant_recipe(vid: str, args: argparse.Namespace) -> dict:
         "caption_samples": args.caption_samples,
         "qa_samples": args.qa_samples,
         "num_beams": 3,
+        # the rerank weight is chosen on the demo's tune split, never on the reported val split
+        "rerank_tune_shards": demo_eval.get("rerank_tune_shards"),
+        "rerank_tune_samples": demo_eval.get("rerank_tune_samples", 128),
     }
     return raw
 
@@ -84,45 +95,54 @@ def run(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"{' '.join(cmd)} exited {p.returncode}; see {log}")
 
 
-def run_variant(vid: str, args: argparse.Namespace, out: Path) -> dict:
-    recipe = out / "recipes" / f"{vid}.yaml"
-    run_dir = out / "runs" / vid
+def run_name(vid: str, seed: int) -> str:
+    return f"{vid}-s{seed}"
+
+
+def run_variant(vid: str, seed: int, args: argparse.Namespace, out: Path) -> dict:
+    name = run_name(vid, seed)
+    recipe = out / "recipes" / f"{name}.yaml"
+    run_dir = out / "runs" / name
     recipe.parent.mkdir(parents=True, exist_ok=True)
     cmd = f"python -m mico_ds.train --recipe {recipe} --run-dir {run_dir}"
-    text = f"# tools/ablate.py variant {vid} {VARIANTS[vid][:2]}:\n#   {cmd}\n"
-    recipe.write_text(text + yaml.safe_dump(variant_recipe(vid, args), sort_keys=False))
+    text = f"# tools/ablate.py variant {vid} {VARIANTS[vid][:2]}, seed {seed}:\n#   {cmd}\n"
+    recipe.write_text(text + yaml.safe_dump(variant_recipe(vid, args, seed), sort_keys=False))
     t0 = time.perf_counter()
     if not (run_dir / "summary.json").exists():
         if run_dir.exists():
             raise SystemExit(f"{run_dir} exists without summary.json (an interrupted run): remove it")
         run([sys.executable, "-m", "mico_ds.train", "--recipe", str(recipe), "--run-dir", str(run_dir)],
-            out / f"{vid}.train.log")  # fmt: skip
+            out / f"{name}.train.log")  # fmt: skip
     t_train = time.perf_counter() - t0
-    img = out / "runs" / vid / "eval_image.json"
+    img = run_dir / "eval_image.json"
     if not img.exists():
         cmd_eval = [sys.executable, "-m", "mico_ds.eval", "--checkpoint", str(run_dir), "--tasks",
                     "retrieval", "--modalities", "image", "--no-progress", "--out", str(img)]  # fmt: skip
-        run(cmd_eval, out / f"{vid}.eval_image.log")
-    return collect(vid, out, t_train)
+        run(cmd_eval, out / f"{name}.eval_image.log")
+    return collect(vid, seed, out, t_train)
 
 
-def collect(vid: str, out: Path, seconds: float | None = None) -> dict:
-    run_dir = out / "runs" / vid
+def collect(vid: str, seed: int, out: Path, seconds: float | None = None) -> dict:
+    run_dir = out / "runs" / run_name(vid, seed)
     summary = json.loads((run_dir / "summary.json").read_text())
     img = json.loads((run_dir / "eval_image.json").read_text())
     ev = summary["eval"]
     row, label, mods, w = VARIANTS[vid]
     rec = {
-        "id": vid, "row": row, "label": label, "modalities": mods, "weights": w,
+        "id": vid, "seed": seed, "row": row, "label": label, "modalities": mods, "weights": w,
         "steps": summary["steps"], "last_loss": summary["last"],
         "t2k_r1": ev["retrieval/t2k_r1"], "k2t_r1": ev["retrieval/k2t_r1"],
         "t2k_r1_rerank": ev.get("retrieval/t2k_r1_rerank"),
         "k2t_r1_rerank": ev.get("retrieval/k2t_r1_rerank"),
+        "t2k_r1_rerank_match": ev.get("retrieval/t2k_r1_rerank_match"),
+        "k2t_r1_rerank_match": ev.get("retrieval/k2t_r1_rerank_match"),
+        "rerank_weight": ev.get("retrieval/rerank_weight"),
         "img_t2k_r1": img["retrieval/t2k_r1"], "img_k2t_r1": img["retrieval/k2t_r1"],
         "img_t2k_r1_rerank": img.get("retrieval/t2k_r1_rerank"),
         "cider": ev["captioning/cider"], "bleu1": ev["captioning/bleu1"], "bleu4": ev["captioning/bleu4"],
         "qa": ev["qa/accuracy"],
         "gen_gain": ev.get("grounding/gen_gain"), "match_pref": ev.get("grounding/match_pairwise_acc"),
+        "final_loss": summary["last"]["loss"],
         "caption_example": ev.get("captioning/examples", [{}])[0].get("generated"),
         "qa_example": ev.get("qa/examples", [{}])[0],
     }  # fmt: skip
@@ -131,28 +151,63 @@ def collect(vid: str, out: Path, seconds: float | None = None) -> dict:
     return rec
 
 
-def table(recs: list[dict]) -> str:
-    def f(v: float | None, nd: int = 1) -> str:
-        return "–" if v is None else f"{v:.{nd}f}"
+# (record key, column, multiplier, decimals) of the table, in order
+COLUMNS: list[tuple[str, str, float, int]] = [
+    ("t2k_r1", "t2k R@1", 1, 1),
+    ("t2k_r1_rerank", "t2k R@1 rerank", 1, 1),
+    ("t2k_r1_rerank_match", "t2k R@1 matching only", 1, 1),
+    ("k2t_r1", "k2t R@1", 1, 1),
+    ("k2t_r1_rerank", "k2t R@1 rerank", 1, 1),
+    ("k2t_r1_rerank_match", "k2t R@1 matching only", 1, 1),
+    ("img_t2k_r1", "image-only t2k R@1", 1, 1),
+    ("img_t2k_r1_rerank", "image-only t2k R@1 rerank", 1, 1),
+    ("cider", "CIDEr-D", 1, 3),
+    ("bleu4", "BLEU-4", 1, 3),
+    ("qa", "QA acc", 1, 1),
+    ("gen_gain", "grounding gain (nats)", 1, 3),
+    ("match_pref", "matching prefers own context", 100, 1),
+    ("rerank_weight", "rerank w", 1, 2),
+    ("final_loss", "final loss", 1, 3),
+]
+# figures of an untrained matching head when a variant does not train it (marked *)
+MATCH_DEPENDENT = {"t2k_r1_rerank", "t2k_r1_rerank_match", "k2t_r1_rerank", "k2t_r1_rerank_match",
+                   "img_t2k_r1_rerank", "match_pref", "rerank_weight"}  # fmt: skip
 
-    head = (
-        "| row | variant | t2k R@1 | t2k R@1 rerank | k2t R@1 | k2t R@1 rerank | image-only t2k R@1 | "
-        "image-only t2k R@1 rerank | CIDEr-D | BLEU-1 | BLEU-4 | QA acc | grounding gain (nats) | "
-        "matching prefers own context | final loss |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-    )
-    lines = []
+
+def aggregate(recs: list[dict]) -> list[dict]:
+    """Per variant (first-seen order): the seeds run, and per column the mean and the sample std."""
+    by_id: dict[str, list[dict]] = {}
     for r in recs:
-        no_match = r["weights"][1] == 0
-        mark = "*" if no_match else ""
-        lines.append(
-            f"| {r['row']} | {r['label']} | {f(r['t2k_r1'])} | {f(r['t2k_r1_rerank'])}{mark} | "
-            f"{f(r['k2t_r1'])} | {f(r['k2t_r1_rerank'])}{mark} | {f(r['img_t2k_r1'])} | "
-            f"{f(r['img_t2k_r1_rerank'])}{mark} | "
-            f"{f(r['cider'], 3)} | {f(r['bleu1'], 3)} | {f(r['bleu4'], 3)} | {f(r['qa'])} | "
-            f"{f(r.get('gen_gain'), 3)} | {f(None if r.get('match_pref') is None else 100 * r['match_pref'])}"
-            f"{mark} | {f(r['last_loss']['loss'], 3)} |"
-        )
+        by_id.setdefault(r["id"], []).append(r)
+    rows = []
+    for rs in by_id.values():
+        row = {k: rs[0][k] for k in ("id", "row", "label", "modalities", "weights")}
+        row["seeds"] = [r["seed"] for r in rs]
+        for key, _, mult, _ in COLUMNS:
+            vals = [mult * r[key] for r in rs if r.get(key) is not None]
+            if vals:
+                mean = sum(vals) / len(vals)
+                std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+                row[key] = {"mean": mean, "std": std, "n": len(vals)}
+        rows.append(row)
+    return rows
+
+
+def table(recs: list[dict]) -> str:
+    """The markdown table: one row per variant, "mean ± std" over its seeds (one seed: the value)."""
+
+    def cell(v: dict | None, nd: int) -> str:
+        if v is None:
+            return "–"
+        return f"{v['mean']:.{nd}f}" if v["n"] == 1 else f"{v['mean']:.{nd}f} ± {v['std']:.{nd}f}"
+
+    head = "| row | variant | seeds | " + " | ".join(c for _, c, _, _ in COLUMNS) + " |\n"
+    head += "|" + "---|" * (3 + len(COLUMNS)) + "\n"
+    lines = []
+    for r in aggregate(recs):
+        mark = "*" if r["weights"][1] == 0 else ""
+        cells = [cell(r.get(k), nd) + (mark if k in MATCH_DEPENDENT else "") for k, _, _, nd in COLUMNS]
+        lines.append(f"| {r['row']} | {r['label']} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -162,7 +217,8 @@ def main() -> int:
     p.add_argument("--variants", default=",".join(ORDER), help=f"comma-separated ids of {ORDER}")
     p.add_argument("--steps", type=int, default=300, help="training steps of every variant (the demo's)")
     p.add_argument("--batch-size", type=int, default=32, help="per-rank batch size, 2 ranks (the demo's)")
-    p.add_argument("--seed", type=int, default=0, help="train.seed of every variant")
+    p.add_argument("--seed", type=int, default=0, help="train.seed of the first seed of every variant")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per variant (3: error bars)")
     p.add_argument("--log-every", type=int, default=5, help="steps between loss records")
     p.add_argument("--rerank-k", type=int, default=16, help="candidates reranked by the matching head")
     p.add_argument("--caption-samples", type=int, default=64, help="held-out items captioned")
@@ -177,20 +233,33 @@ def main() -> int:
         p.error(f"unknown variants {bad}; known: {list(VARIANTS)}")
     from tqdm import tqdm
 
+    if args.seeds < 1:
+        p.error(f"--seeds must be >= 1, got {args.seeds}")
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    # seed-major: every variant's first seed comes before any second one, so a stopped ablation
+    # still has a complete one-seed table
+    todo = [(vid, s) for s in seeds for vid in ids]
     recs = []
     t0 = time.perf_counter()
     old = {}  # training seconds measured by the run that produced the variants
     if args.table_only and (out / "results.json").is_file():
-        old = {r["id"]: r.get("seconds") for r in json.loads((out / "results.json").read_text())}
-    for vid in tqdm(ids, desc="ablation", disable=args.table_only):
-        recs.append(collect(vid, out, old.get(vid)) if args.table_only else run_variant(vid, args, out))
-        (out / "results.json").write_text(json.dumps(recs, indent=1))
+        saved = json.loads((out / "results.json").read_text()).get("runs", [])
+        old = {(r["id"], r["seed"]): r.get("seconds") for r in saved}
+    for vid, seed in tqdm(todo, desc="ablation", disable=args.table_only):
+        if args.table_only:
+            if not (out / "runs" / run_name(vid, seed) / "summary.json").is_file():
+                continue
+            recs.append(collect(vid, seed, out, old.get((vid, seed))))
+        else:
+            recs.append(run_variant(vid, seed, args, out))
+        result = {"runs": recs, "variants": aggregate(recs)}
+        (out / "results.json").write_text(json.dumps(result, indent=1))
     md = table(recs)
     (out / "table.md").write_text(md)
     print(md)
     if not args.table_only:
         print(f"total {time.perf_counter() - t0:.0f} s")
-    dirs = [str(out / "runs" / v) for v in ids]
+    dirs = [str(out / "runs" / run_name(v, seeds[0])) for v in ids]
     labels = [f"{VARIANTS[v][0]} {VARIANTS[v][1]}" for v in ids]
     subprocess.run([sys.executable, str(REPO / "tools" / "plot_runs.py"), *dirs, "--labels", *labels,
                     "--out", str(out / "loss_curves.png")], check=True)  # fmt: skip

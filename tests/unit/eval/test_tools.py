@@ -65,3 +65,24 @@ def test_ablation_variants_are_valid_recipes(vid: str) -> None:
         w * x for w, x in zip(want, on)
     )
     assert cfg.train.max_steps == 120 and cfg.train.seed == 0 and cfg.eval.num_beams == 3
+    assert config_from_dict(ablate.variant_recipe(vid, args, seed=2)).train.seed == 2
+    # the rerank weight is tuned on the demo's tune split, as in the demo
+    assert cfg.eval.rerank_tune_shards == load_config("demo").eval.rerank_tune_shards is not None
+
+
+def test_ablation_table_reports_mean_and_sample_std_over_seeds() -> None:
+    ablate = _tool("ablate")
+    base = {"row": "(m)", "label": "Con+Match", "modalities": ["image"], "weights": (1.0, 1.0, 0.0)}
+    recs = [
+        {**base, "id": "m", "seed": s, "t2k_r1": v, "match_pref": p, "final_loss": 1.0}
+        for s, v, p in [(0, 50.0, 0.8), (1, 54.0, 0.9), (2, 58.0, 1.0)]
+    ]
+    recs.append({**base, "id": "l", "row": "(l)", "seed": 0, "t2k_r1": 70.0, "weights": (1.0, 0.0, 0.0)})
+    (m, l_) = ablate.aggregate(recs)
+    assert m["seeds"] == [0, 1, 2] and m["t2k_r1"] == {"mean": 54.0, "std": 4.0, "n": 3}
+    assert m["match_pref"]["mean"] == pytest.approx(90.0) and m["match_pref"]["std"] == pytest.approx(10.0)
+    assert l_["t2k_r1"] == {"mean": 70.0, "std": 0.0, "n": 1} and "cider" not in l_
+    lines = ablate.table(recs).splitlines()
+    assert lines[0].startswith("| row | variant | seeds | t2k R@1 |")
+    assert lines[2].startswith("| (m) | Con+Match | 3 | 54.0 ± 4.0 |") and "| 90.0 ± 10.0 |" in lines[2]
+    assert lines[3].startswith("| (l) | Con+Match | 1 | 70.0 |") and "| –* |" in lines[3]
