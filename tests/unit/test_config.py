@@ -78,6 +78,16 @@ def test_an_integer_part_of_an_override_indexes_a_list():
         load_config("demo", ["data.corpora.0.wieght=1"])
 
 
+def test_the_demo_tunes_its_rerank_weight_on_a_split_as_large_as_the_reported_one():
+    # the rerank is harder in a larger gallery: a weight tuned on fewer items than val overweights
+    # the matching head (docs/benchmarks.md, "Matching and the fused rerank")
+    cfg = load_config("demo")
+    e = cfg.eval
+    assert e.rerank_tune_shards and e.rerank_tune_shards != cfg.data.val_shards
+    assert e.rerank_tune_samples == e.max_samples == cfg.demo.num_val <= cfg.demo.num_tune
+    assert cfg.objectives.matching_form == "listwise" and cfg.objectives.matching_negatives > 1
+
+
 def test_bad_modality_and_join_are_rejected():
     with pytest.raises(ValueError, match="unknown"):
         config_from_dict({"data": {"corpora": [{"name": "a", "modalities": ["smell"]}]}})
