@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -186,9 +187,8 @@ def aggregate(recs: list[dict]) -> list[dict]:
         for key, _, mult, _ in COLUMNS:
             vals = [mult * r[key] for r in rs if r.get(key) is not None]
             if vals:
-                mean = sum(vals) / len(vals)
-                std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
-                row[key] = {"mean": mean, "std": std, "n": len(vals)}
+                std = statistics.stdev(vals) if len(vals) > 1 else 0.0  # sample std
+                row[key] = {"mean": statistics.fmean(vals), "std": std, "n": len(vals)}
         rows.append(row)
     return rows
 
