@@ -31,6 +31,8 @@ from pathlib import Path
 
 import yaml
 
+from mico_ds.config.sections import EvalConfig
+
 REPO = Path(__file__).resolve().parents[1]
 ALL = ["image", "video", "audio", "depth", "normal"]
 # id: (Table 7 row, label, pretraining modalities, (contrastive, matching, generation) on/off); a term
@@ -82,7 +84,7 @@ def variant_recipe(vid: str, args: argparse.Namespace, seed: int | None = None) 
         "num_beams": 3,
         # the rerank weight is chosen on the demo's tune split, never on the reported val split
         "rerank_tune_shards": demo_eval.get("rerank_tune_shards"),
-        "rerank_tune_samples": demo_eval.get("rerank_tune_samples", 128),
+        "rerank_tune_samples": demo_eval.get("rerank_tune_samples", EvalConfig().rerank_tune_samples),
     }
     return raw
 
