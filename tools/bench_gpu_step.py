@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             c.batch_size = b
         try:
             torch.manual_seed(0)
-            engine, ds = build_engine(cfg, lambda: MiCoModel.from_run_config(cfg, special))
+            engine, ds, _ = build_engine(cfg, lambda: MiCoModel.from_run_config(cfg, special))
             rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             if cuda:
                 torch.cuda.reset_peak_memory_stats()

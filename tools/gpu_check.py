@@ -289,7 +289,7 @@ def losses_worker(a: argparse.Namespace) -> None:
     special = SpecialTokens(vocab_size=vocab, pad_id=0, bos_id=1, eos_id=2, mask_id=3)
     init_distributed(cfg.train.dist_timeout_s)
     torch.manual_seed(0)
-    engine, _ = build_engine(cfg, lambda: MiCoModel.from_run_config(cfg, special))
+    engine, _, _ = build_engine(cfg, lambda: MiCoModel.from_run_config(cfg, special))
     device = torch.device(a.device)
     bf16 = a.precision == "bf16"
     losses = []

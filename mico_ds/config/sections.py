@@ -324,6 +324,13 @@ class ModelConfig(Section):
     context: ContextConfig = _section(ContextConfig, "Multimodal context.")
     text: TextConfig = _section(TextConfig, "Text branch.")
     embed_dim: int = _f(512, "Contrastive projection dimension.")
+    init: str | None = _f(
+        None,
+        "Weights-only start (the trainer's --init): a mico_ds run, checkpoints/ or checkpoint dir (any ZeRO "
+        "stage, universal too), consolidated weights (tools/zero_to_fp32.py), or exported branches "
+        "(vision/ + text/). Loaded after model.*.pretrained; optimizer, schedule and data start fresh; "
+        "a --resume ignores it (the checkpoint holds the weights).",
+    )
     kernels: Literal["auto", "triton", "torch"] = _f(
         "auto", "Fused kernels: auto (Triton on CUDA, PyTorch elsewhere), triton, or torch."
     )

@@ -20,6 +20,7 @@ import torch
 from mico_ds import distributed as mdist
 from mico_ds.config import RunConfig
 from mico_ds.distributed.ds_config import offloads_optimizer, resolve_ds_config, zero_stage
+from mico_ds.distributed.init_load import InitReport, init_from
 from mico_ds.kernels.norms import APEX_ADAM_MODULES, apex_import_error, resolve_norm_impl, swap_norms
 from mico_ds.optim import lr_lambda, param_groups, resolve_optim_impl
 
@@ -101,11 +102,15 @@ def swap_model_norms(model: torch.nn.Module, cfg: RunConfig) -> str:
     return f"norms: {impl} ({', '.join(f'{k} x{v}' for k, v in sorted(counts.items())) or 'none found'})"
 
 
-def build_engine(cfg: RunConfig, model_fn: Callable[[], torch.nn.Module]) -> tuple[Any, dict[str, Any]]:
-    """Build the model (under zero.Init at stage 3), load its pretrained weights and wrap it in a
-    DeepSpeed engine with the recipe's optimizer and schedule.
+def build_engine(
+    cfg: RunConfig, model_fn: Callable[[], torch.nn.Module], init: str | None = None
+) -> tuple[Any, dict[str, Any], InitReport | None]:
+    """Build the model (under zero.Init at stage 3), load its pretrained weights (then ``init``'s, a
+    weights-only start: ``mico_ds.distributed.init_load``) and wrap it in a DeepSpeed engine with the
+    recipe's optimizer and schedule.
 
-    ``model_fn()`` constructs the module; returns (engine, resolved DeepSpeed config).
+    ``model_fn()`` constructs the module; returns (engine, resolved DeepSpeed config, what ``init``
+    loaded or None).
     """
     import deepspeed
 
@@ -122,6 +127,7 @@ def build_engine(cfg: RunConfig, model_fn: Callable[[], torch.nn.Module]) -> tup
     norm_line = swap_model_norms(model, cfg)
     # Before the engine exists, so its fp32 master weights start from the pretrained ones.
     load_pretrained(model, cfg.model, zero3=zero3)
+    report = init_from(model, init, zero3=zero3) if init else None
     groups = param_groups(model, cfg.optim)
     optim = make_optimizer(groups, cfg, ds)
     base = lr_lambda(cfg.optim, cfg.train.max_steps)
@@ -129,4 +135,6 @@ def build_engine(cfg: RunConfig, model_fn: Callable[[], torch.nn.Module]) -> tup
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optim, lr_scheduler=sched, config=ds)
     if mdist.get_rank() == 0:
         log.info("%s; optimizer %s.%s", norm_line, type(optim).__module__, type(optim).__name__)
-    return engine, ds
+        if report is not None:
+            log.info("%s", report.summary())
+    return engine, ds, report

@@ -64,9 +64,9 @@ def load_pretrained(model: nn.Module, cfg: ModelConfig, zero3: bool) -> list[Loa
     ``model.text`` (whichever are set); call on every rank, after construction, before the engine."""
     reports = []
     if cfg.vision.pretrained:
-        reports.append(_load_branch(model.encoder, "encoder", cfg.vision.pretrained, timm_plan, zero3))
+        reports.append(load_branch(model.encoder, "encoder", cfg.vision.pretrained, timm_plan, zero3))
     if cfg.text.pretrained:
-        reports.append(_load_branch(model.text, "text", cfg.text.pretrained, hf_llama_plan, zero3))
+        reports.append(load_branch(model.text, "text", cfg.text.pretrained, hf_llama_plan, zero3))
     for r in reports:
         if mdist.is_main_process():
             log.info(
@@ -76,7 +76,11 @@ def load_pretrained(model: nn.Module, cfg: ModelConfig, zero3: bool) -> list[Loa
     return reports
 
 
-def _load_branch(module: nn.Module, branch: str, path: str, make_plan: PlanFn, zero3: bool) -> LoadReport:
+def load_branch(
+    module: nn.Module, branch: str, path: str, make_plan: PlanFn, zero3: bool, label: str | None = None
+) -> LoadReport:
+    """One branch (``encoder`` or ``text``) from ``path`` through ``make_plan``; errors start with
+    ``label`` (default: the config key that names the path)."""
     t0 = time.perf_counter()
     rank = mdist.get_rank()
     reads = rank == 0 or not zero3
@@ -92,7 +96,7 @@ def _load_branch(module: nn.Module, branch: str, path: str, make_plan: PlanFn, z
     if zero3:  # every rank walks rank 0's plan, or fails with rank 0's message
         plan, error = mdist.broadcast_object((plan, error))
     if error is not None:
-        raise ValueError(f"model.{'vision' if branch == 'encoder' else 'text'}.pretrained: {error}")
+        raise ValueError(f"{label or f'model.{branch_key(branch)}.pretrained'}: {error}")
     assert plan is not None
     try:
         if not zero3:
@@ -125,11 +129,15 @@ def _load_zero3(module: nn.Module, plan: list[Conversion], reader: CheckpointRea
                     p.data.copy_(materialize(conv, reader, tuple(p.shape)))  # type: ignore[arg-type]
                 except Exception as e:  # reported on every rank below: never a hang in the next gather
                     failed = f"{path}: {conv.target}: {type(e).__name__}: {e}"
-    _raise_on_every_rank(failed)
+    raise_on_every_rank(failed)
     return largest
 
 
-def _raise_on_every_rank(failed: str | None) -> None:
+def branch_key(branch: str) -> str:
+    return "vision" if branch == "encoder" else "text"
+
+
+def raise_on_every_rank(failed: str | None) -> None:
     """Rank 0's error (None: none) raised on every rank: a failure on one rank is never a hang of
     the others in their next collective."""
     failed = mdist.broadcast_object(failed)
@@ -167,4 +175,4 @@ def load_state_dict_into(
                 load(model)
             except ValueError as e:
                 failed = str(e)
-    _raise_on_every_rank(failed)
+    raise_on_every_rank(failed)

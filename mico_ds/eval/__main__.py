@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     bf16 = use_bf16(cfg)
     if launched():
         init_distributed(cfg.train.dist_timeout_s)
-        engine, ds = build_engine(cfg, lambda: MiCoModel.from_run_config(cfg, tokenizer.special))
+        engine, ds, _ = build_engine(cfg, lambda: MiCoModel.from_run_config(cfg, tokenizer.special))
         model, device = engine.module, engine.device
         same_world = (
             loc.kind == "zero" and load_meta(loc.path, loc.tag)["world_size"] == mdist.get_world_size()

@@ -47,7 +47,7 @@ def measure_worker(args: argparse.Namespace, overrides: list[str]) -> None:
     loader.close()
     reset_peak_rss()  # what follows (engine, steps) is what is measured
     rss0 = proc_status_bytes("VmRSS")
-    engine, _ = build_engine(cfg, lambda: MiCoModel.from_run_config(cfg, tok.special))
+    engine, _, _ = build_engine(cfg, lambda: MiCoModel.from_run_config(cfg, tok.special))
     rss_engine = proc_status_bytes("VmRSS")
     times = []
     for i, batch in enumerate(batches):

@@ -44,6 +44,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--run-dir", default=None, help="run directory (default: runs/<recipe>-<timestamp>)")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint tag (stepNNNNNNNN) in RUN_DIR")
     p.add_argument(
+        "--init",
+        default=None,
+        metavar="PATH",
+        help="start from these weights only (fresh optimizer, schedule and data): a mico_ds run dir, "
+        "checkpoint dir (any ZeRO stage, universal too), consolidated weights from tools/zero_to_fp32.py, "
+        "or its exported branches; sets model.init. A --resume of this run ignores it",
+    )
+    p.add_argument(
         "--allow-config-change",
         action="store_true",
         help="resume even if seed/batch/world size changed (sample order not exact; warns)",
@@ -88,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings(
         "ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning, r"torch\.distributed"
     )
+    if args.init is not None:
+        overrides = [*overrides, f"--model.init={args.init}"]
     cfg = load_config(args.recipe, overrides)
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")

@@ -9,6 +9,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,9 @@ class Trainer:
         from mico_ds.models.mico import MiCoModel
 
         model_fn = lambda: MiCoModel.from_run_config(cfg, self.tokenizer.special)  # noqa: E731
-        self.engine, self.ds_config = build_engine(cfg, model_fn)
+        # a weights-only start; a resume takes the weights from its own checkpoint instead
+        init = cfg.model.init if resume is None else None
+        self.engine, self.ds_config, self.init_report = build_engine(cfg, model_fn, init)
         self.bf16 = bool(self.ds_config["bf16"]["enabled"])
         self.device = self.engine.device
         self.step = 0
@@ -96,6 +99,8 @@ class Trainer:
         elif self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            if self.init_report is not None:
+                (self.run_dir / "init.json").write_text(json.dumps(asdict(self.init_report), indent=1))
         mdist.barrier()
         self.keys = None
         if cfg.train.record_keys:

@@ -64,6 +64,7 @@ class Rule:
 
 
 H = "variant"
+INIT_TEST = "tests/integration/test_init.py"
 # fmt: off
 RULES: list[Rule] = [
     # --- the two quickstart commands
@@ -104,6 +105,11 @@ RULES: list[Rule] = [
     Rule(r"deepspeed --num_gpus G --module mico_ds\.train --recipe NAME --run-dir DIR", "artifact", "run"),
     Rule(r"deepspeed --num_gpus G --module mico_ds\.train --recipe NAME --run-dir DIR --resume latest", "run",
          needs=("run",), expect=("resumed from",)),
+    # --- fine-tuning: a weights-only start (real 2-rank runs from each kind of source)
+    Rule(r"deepspeed --num_gpus G --module mico_ds\.train --recipe NAME --run-dir runs/ft --init EXPORT",
+         "covered", f"{INIT_TEST}::test_init_from_exports_lists_what_the_model_adds"),
+    Rule(r"deepspeed --num_gpus G --module mico_ds\.train --recipe NAME --run-dir runs/ft --init [rO]\S+",
+         "covered", f"{INIT_TEST}::test_init_from_run_universal_or_consolidated_gives_one_first_loss"),
     # --- planner
     Rule(r"python tools/plan\.py .*--validate", "covered",
          "tests/unit/test_plan.py::test_predicted_peak_matches_a_real_zero3_cpu_run"),

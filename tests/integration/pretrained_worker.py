@@ -75,7 +75,7 @@ def main() -> None:
     init_distributed(cfg.train.dist_timeout_s)
     rank = mdist.get_rank()
     torch.manual_seed(0)
-    engine, _ = build_engine(cfg, lambda: MiCoModel.from_run_config(cfg, special))
+    engine, _, _ = build_engine(cfg, lambda: MiCoModel.from_run_config(cfg, special))
     model = engine.module
     out: dict = {"rank": rank}
 

@@ -1,0 +1,97 @@
+"""``--init PATH``: a weights-only start from a pretrained run, on real 2-rank ZeRO-3 runs (gloo, CPU).
+
+A finished run of the debug recipe is converted with the project's own tools (tools/zero_to_fp32.py:
+a consolidated state dict and the exported branches; tools/to_universal.py: a universal checkpoint);
+a new run started with ``--init`` from the run directory, the universal tag and the consolidated
+file sees the same first-step loss (the same fp32 weights, a fresh optimizer and data order), lower
+than the same first batch gives from random weights.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.train import REPO, data_overrides, env, run_train, train_records
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("debug_data")
+
+
+def tool(name: str, *args: str) -> None:
+    p = subprocess.run([sys.executable, str(REPO / "tools" / f"{name}.py"), *args], cwd=REPO, env=env(),
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, f"{name} exited {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, data_root) -> Path:
+    """A finished run (latest = step STEPS), its consolidated weights, exports and universal tag."""
+    root = tmp_path_factory.mktemp("init")
+    run = root / "pretrain"
+    run_train(run, *data_overrides(data_root), f"--train.max_steps={STEPS}", "--train.save_every=100")
+    tool("zero_to_fp32", str(run), str(root / "fp32"), "--export-branches", str(root / "export"), "--quiet")
+    tool("to_universal", str(run))
+    return run
+
+
+def first_step(run: Path, data_root: Path, *args: str) -> dict:
+    """Train one step with ``args``; its metrics record."""
+    run_train(run, *data_overrides(data_root), "--train.max_steps=1", "--train.save_every=100",
+              "--train.deterministic=true", *args)  # fmt: skip
+    return train_records(run)[0]
+
+
+def test_init_from_run_universal_or_consolidated_gives_one_first_loss(
+    base: Path, data_root: Path, tmp_path: Path
+):
+    tag = (base / "checkpoints" / "latest").read_text().strip()
+    sources = {
+        "run dir (ZeRO-3, latest)": base,
+        "universal tag": base / "checkpoints" / f"{tag}_universal",
+        "consolidated file": base.parent / "fp32" / "model.safetensors",
+    }
+    losses = {}
+    for i, (what, src) in enumerate(sources.items()):
+        run = tmp_path / f"ft{i}"
+        rec = first_step(run, data_root, "--init", str(src))
+        losses[what] = rec["loss"]
+        report = json.loads((run / "init.json").read_text())
+        assert report["added"] == [] and report["unused"] == [], (what, report)
+        assert len(report["loaded"]) > 50, (what, len(report["loaded"]))
+        assert json.loads((run / "summary.json").read_text())["steps"] == 1  # a fresh step counter
+    fresh = first_step(tmp_path / "scratch", data_root)["loss"]
+    first = next(iter(losses.values()))
+    for what, loss in losses.items():
+        assert loss == pytest.approx(first, rel=1e-6), (what, losses)
+    # the same first batch, after STEPS steps of training on it and its successors, scores lower
+    assert first < fresh - 0.1, (losses, fresh)
+
+
+def test_init_from_exports_lists_what_the_model_adds(base: Path, data_root: Path, tmp_path: Path):
+    run = tmp_path / "ft"
+    first_step(run, data_root, "--init", str(base.parent / "export"))
+    report = json.loads((run / "init.json").read_text())
+    assert report["kind"] == "branches"
+    assert [x.split(":")[0] for x in report["loaded"]] == ["encoder", "text"]
+    # the context embeddings and the heads have no slot in timm's or Hugging Face's formats
+    assert report["added"] and all(not n.startswith(("encoder.", "text.")) for n in report["added"])
+    assert any(n.startswith("context.") for n in report["added"]), report["added"]
+
+
+def test_init_that_does_not_fit_names_the_key_on_every_rank(base: Path, data_root: Path, tmp_path: Path):
+    p = run_train(tmp_path / "bad", *data_overrides(data_root), "--train.max_steps=1", "--init", str(base),
+                  "--model.embed_dim=24", check=False)  # fmt: skip
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert "do not fit the model" in out and "checkpoint (" in out, out[-3000:]
+    assert not (tmp_path / "bad" / "checkpoints").exists()
