@@ -76,6 +76,14 @@ def test_init_from_run_universal_or_consolidated_gives_one_first_loss(
     # the same first batch, after STEPS steps of training on it and its successors, scores lower
     assert first < fresh - 0.1, (losses, fresh)
 
+    # --resume continues the run from its own checkpoint and does not read model.init again: a path
+    # that no longer exists is not an error, and step 2 follows step 1
+    run = tmp_path / "ft0"
+    gone = str(tmp_path / "gone")
+    run_train(run, *data_overrides(data_root), "--train.max_steps=2", "--train.save_every=100",
+              "--train.deterministic=true", "--init", gone, "--resume", "latest")  # fmt: skip
+    assert [r["step"] for r in train_records(run)] == [1, 2]
+
 
 def test_init_from_exports_lists_what_the_model_adds(base: Path, data_root: Path, tmp_path: Path):
     run = tmp_path / "ft"
