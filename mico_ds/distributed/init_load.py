@@ -7,7 +7,10 @@ What ``PATH`` may be (resolved on rank 0):
 * consolidated weights: a ``.safetensors`` / ``.bin`` / ``.pt`` file or a directory of shards, as
   ``tools/zero_to_fp32.py`` writes them;
 * the exported branches of ``tools/zero_to_fp32.py --export-branches`` (a directory holding
-  ``vision/`` and ``text/``): loaded through the timm and Hugging Face plans of the pretrained loading.
+  ``vision/`` and ``text/``): loaded through the timm and Hugging Face plans of the pretrained loading;
+* the official MiCo release's ``model_step_*.pt`` (a state dict whose keys hold an EVA-CLIP tower under
+  ``vision_encoder.visual.``): converted by the plan of ``mico_ds.checkpoint.formats.mico_release``
+  instead of the name match (kind ``mico_release``; its unused keys come with the reason of each group).
 
 Only the weights come over: the optimizer, the schedule, the step counter and the data streams start
 fresh (``--resume`` is what continues a run). The checkpoint is compared with the model by names and
@@ -33,7 +36,8 @@ from torch import nn
 
 from mico_ds import distributed as mdist
 from mico_ds.checkpoint.formats.hf_llama import hf_llama_plan
-from mico_ds.checkpoint.formats.reader import CheckpointReader
+from mico_ds.checkpoint.formats.mico_release import is_mico_release, mico_release_plan
+from mico_ds.checkpoint.formats.reader import CheckpointReader, Conversion, materialize
 from mico_ds.checkpoint.formats.timm import timm_plan
 from mico_ds.checkpoint.layout import locate
 from mico_ds.distributed.zero_load import branch_key, load_branch, raise_on_every_rank
@@ -48,11 +52,12 @@ class InitReport:
     """What ``model.init`` loaded (logged, and written to the run's ``init.json``)."""
 
     source: str  # the resolved checkpoint: a tag directory, a state-dict path or an export directory
-    kind: str  # "zero", "state_dict" or "branches"
+    kind: str  # "zero", "state_dict", "branches" or "mico_release"
     loaded: list[str] = field(default_factory=list)
     added: list[str] = field(default_factory=list)  # the model's parameters the checkpoint lacks
     unused: list[str] = field(default_factory=list)  # the checkpoint's tensors the model has no use for
     seconds: float = 0.0
+    reasons: dict[str, str] = field(default_factory=dict)  # mico_release: group of unused keys -> why
 
     def summary(self) -> str:
         def names(xs: list[str]) -> str:
@@ -63,6 +68,8 @@ class InitReport:
             out += f"; initialized by the model, not in the checkpoint: {names(self.added)}"
         if self.unused:
             out += f"; in the checkpoint, unused by the model: {names(self.unused)}"
+        if self.reasons:
+            out += "; unused because: " + "; ".join(f"{g}: {why}" for g, why in self.reasons.items())
         return out
 
 
@@ -96,6 +103,7 @@ class _Source:
     def __init__(self, path: str) -> None:
         loc = locate(path, state_dicts=True, flag="--init")
         self.where = str(loc.tag_dir)
+        self.path = Path(self.where)  # materialize() names it in its errors
         self.kind = loc.kind
         self._reader: CheckpointReader | None = None
         if loc.kind == "zero":
@@ -112,9 +120,30 @@ class _Source:
             return self._reader.get(key)
         return self._lazy[key].contiguous()
 
+    def tensor(self, conv: Conversion, shape: Shape) -> torch.Tensor:
+        """One plan row: a tensor of the name match as stored, or a converted release tensor."""
+        if self.kind == "mico_release":
+            return materialize(conv, self, shape)  # type: ignore[arg-type]
+        return self.get(conv.sources[0]).reshape(shape)
+
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
+
+
+# (where, kind, rows, added, unused, reasons): built on rank 0, broadcast, walked by every rank.
+_Plan = tuple[str, str, list[Conversion], list[str], list[str], dict[str, str]]
+
+
+def _plan(src: _Source, model: nn.Module) -> _Plan:
+    """The release's conversion plan for a MiCo release state dict; else the identity name match."""
+    where = f"--init {src.where}"
+    if src.kind == "state_dict" and is_mico_release(src.shapes):
+        src.kind = "mico_release"
+        rp = mico_release_plan(src.shapes, model, where)
+        return src.where, src.kind, rp.rows, rp.added, rp.unused, rp.reasons
+    loaded, added, unused = match_keys(src.shapes, model_shapes(model), where)
+    return src.where, src.kind, [Conversion(k, (k,)) for k in loaded], added, unused, {}
 
 
 def init_from(model: nn.Module, path: str, zero3: bool) -> InitReport:
@@ -135,12 +164,12 @@ def init_from(model: nn.Module, path: str, zero3: bool) -> InitReport:
 
     reads = mdist.get_rank() == 0 or not zero3
     src: _Source | None = None
-    plan: tuple[str, str, list, list, list] | None = None
+    plan: _Plan | None = None
     error: str | None = None
     if reads:
         try:
             src = _Source(path)
-            plan = (src.where, src.kind, *match_keys(src.shapes, model_shapes(model), f"--init {src.where}"))
+            plan = _plan(src, model)
         except (ValueError, OSError, KeyError) as e:
             error = str(e) if str(e).startswith("--init") else f"--init {path}: {e}"
     if zero3:
@@ -150,24 +179,27 @@ def init_from(model: nn.Module, path: str, zero3: bool) -> InitReport:
             src.close()
         raise ValueError(error)
     assert plan is not None
-    where, kind, loaded, added, unused = plan
+    where, kind, rows, added, unused, reasons = plan
     params = dict(model.named_parameters())
     failed: str | None = None
     try:
-        for name in loaded:
-            prm = params[name]
+        for conv in rows:
+            prm = params[conv.target]
             if not zero3:
                 with torch.no_grad():
-                    prm.data.copy_(src.get(name).reshape(prm.shape))  # type: ignore[union-attr]
+                    try:
+                        prm.data.copy_(src.tensor(conv, tuple(prm.shape)))  # type: ignore[union-attr]
+                    except (ValueError, RuntimeError) as e:  # a bad release value: name the parameter
+                        raise ValueError(f"--init {where}: {conv.target}: {e}") from None
                 continue
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([prm], modifier_rank=0), torch.no_grad():
                 if src is not None and failed is None:
                     try:
-                        prm.data.copy_(src.get(name).reshape(prm.shape))
+                        prm.data.copy_(src.tensor(conv, tuple(prm.shape)))
                     except Exception as e:  # raised on every rank below: never a hang in the next gather
-                        failed = f"--init {where}: {name}: {type(e).__name__}: {e}"
+                        failed = f"--init {where}: {conv.target}: {type(e).__name__}: {e}"
     finally:
         if src is not None:
             src.close()
@@ -175,4 +207,5 @@ def init_from(model: nn.Module, path: str, zero3: bool) -> InitReport:
         raise_on_every_rank(failed)
     elif failed is not None:
         raise ValueError(failed)
-    return InitReport(where, kind, loaded, added, unused, time.perf_counter() - t0)
+    loaded = [c.target for c in rows]
+    return InitReport(where, kind, loaded, added, unused, time.perf_counter() - t0, reasons)

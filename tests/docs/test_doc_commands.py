@@ -110,6 +110,9 @@ RULES: list[Rule] = [
          "covered", f"{INIT_TEST}::test_init_from_exports_lists_what_the_model_adds"),
     Rule(r"deepspeed --num_gpus G --module mico_ds\.train --recipe NAME --run-dir runs/ft --init [rO]\S+",
          "covered", f"{INIT_TEST}::test_init_from_run_universal_or_consolidated_gives_one_first_loss"),
+    Rule(r"deepspeed --num_gpus G --module mico_ds\.train --recipe NAME --run-dir runs/ft "
+         r"--init mico/model_step_NNNN\.pt --model\.vision\.pretrained=null",
+         "covered", "tests/unit/test_mico_release.py::test_init_from_loads_the_release_state_dict"),
     # --- planner
     Rule(r"python tools/plan\.py .*--validate", "covered",
          "tests/unit/test_plan.py::test_predicted_peak_matches_a_real_zero3_cpu_run"),

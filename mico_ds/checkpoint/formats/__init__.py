@@ -1,6 +1,7 @@
 """Weight formats of other projects, as adapters: a lazy reader of checkpoint files with conversion
-plans (``reader``), timm / EVA ViTs (``timm``), Hugging Face Llama (``hf_llama``) and the
-safetensors / torch writers (``safetensors``).
+plans (``reader``), timm / EVA ViTs (``timm``), Hugging Face Llama (``hf_llama``), the official MiCo
+release's ``model_step_*.pt`` (``mico_release``, for ``--init``) and the safetensors / torch writers
+(``safetensors``).
 
     export_branches(tensors, cfg, "out/branches", tokenizer)             # out/branches/{vision,text}
 
