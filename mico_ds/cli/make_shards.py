@@ -126,11 +126,9 @@ def _manifest(a: argparse.Namespace) -> int:
 def _ingest(a: argparse.Namespace) -> int:
     from mico_ds.data.write.ingest import DEFAULT_MAX_SKIP, TooManySkipped, ingest
 
-    if not a.annotations:
-        return fail("make_shards", f"--format {a.format} needs --annotations FILE [FILE ...]")
-    try:
+    try:  # ingest() says when the format needs --annotations (imagefolder does not)
         r = ingest(
-            a.format, a.annotations, a.out, media_root=a.media_root, split=a.split, source=a.source,
+            a.format, a.annotations or [], a.out, media_root=a.media_root, split=a.split, source=a.source,
             prefix=a.prefix, samples_per_shard=a.samples_per_shard, max_shard_bytes=a.max_shard_bytes,
             workers=a.workers, max_skip=a.max_skip or DEFAULT_MAX_SKIP, overwrite=a.overwrite,
             progress=not a.quiet,

@@ -79,6 +79,8 @@ RULES: list[Rule] = [
     # each corpus's published layout, written by its test (real media), through the same CLI flags
     Rule(r"python tools/make_shards\.py --format (vast27m|hdvila|video2dataset|wavcaps|webvid) .*", "covered",
          "tests/unit/data/test_ingest_formats.py::test_{1}"),
+    Rule(r"python tools/make_shards\.py --format (coco-karpathy|msrvtt|audiocaps|clotho|vast|vqa|videoqa|"
+         r"imagefolder|labels-csv) .*", "covered", "tests/unit/data/test_downstream_formats.py::test_{1}"),
     Rule(r"python tools/split_subsets\.py --shards .*--sizes 1000000,10000000.*", H,
          "python tools/split_subsets.py --help"),  # the sizes of a 10^8-sample corpus
     Rule(r"python tools/split_subsets\.py --manifest raw/manifest\.jsonl --sizes 0\.01,0\.1,0\.5 .*", "run",
@@ -290,6 +292,7 @@ def test_documented_command(cmd: DocCommand, sandbox: Sandbox) -> None:
     if rule.mode == "covered":
         target = _expand(rule.variant, m)
         path, _, name = target.partition("::")
+        name = name.replace("-", "_")  # a test name cannot hold the '-' of a format name (labels-csv)
         assert (REPO / path).exists(), f"{cmd}: {path} does not exist"
         if path == ".ci/run":
             assert cmd.text in (REPO / path).read_text(), f".ci/run does not run {cmd.text!r}"

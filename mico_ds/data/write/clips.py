@@ -9,6 +9,8 @@
   (MKV, MOV: what yt-dlp often writes) remuxed into MP4 without re-encoding.
 * :func:`store_audio`: audio bytes as a shard member: the data contract's formats (``schema.AUDIO_EXTS``)
   kept, others PyAV decodes stored as FLAC of the decoded signal.
+* :func:`cut_audio`: one span of a long recording -> FLAC (sample-exact; 16-bit).
+* :func:`store_image`: an image file kept byte for byte once Pillow decodes every pixel.
 
 A media problem that makes a record unusable raises :class:`MediaSkip` with a reason kind (the
 report's counter) and a detail; everything else a decoder raises is handled by the caller.
@@ -31,6 +33,13 @@ from mico_ds.data.write.probe import NoVideo, check_video
 KEPT_VIDEO = {".mp4": "mp4", ".webm": "webm"}
 REMUXED_VIDEO = (".mkv", ".mov", ".m4v")
 VIDEO_SUFFIXES = (*KEPT_VIDEO, *REMUXED_VIDEO)
+# Also stored by store_video: GIF kept (TGIF-QA), AVI remuxed into MP4 (MSVD's YouTubeClips); looked
+# for by the downstream formats only, so the pretraining formats' lookups stay as they were.
+EXTRA_VIDEO = {".gif": "gif", ".avi": "mp4"}
+ANY_VIDEO_SUFFIXES = (*VIDEO_SUFFIXES, *EXTRA_VIDEO)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus")
+SPAN_SLACK_S = 0.5  # a recording at most this much longer than its span is the span already (cut_audio)
 CUT_CRF = 23  # libx264 quality of cut clips (FFmpeg's default)
 CUT_AUDIO_BIT_RATE = 128_000
 
@@ -239,16 +248,18 @@ def _remux_mp4(path: Path) -> bytes:
 def store_video(path: Path) -> Stored:
     """A clip file as a shard member (see module docstring); checks it decodes."""
     suffix = path.suffix.lower()
-    if suffix in KEPT_VIDEO:
-        ext, data = KEPT_VIDEO[suffix], path.read_bytes()
-    elif suffix in REMUXED_VIDEO:
+    if suffix in KEPT_VIDEO or suffix == ".gif":
+        ext, data = KEPT_VIDEO.get(suffix, "gif"), path.read_bytes()
+    elif suffix in REMUXED_VIDEO or suffix in EXTRA_VIDEO:
         try:
             ext, data = "mp4", _remux_mp4(path)
         except Exception as e:  # noqa: BLE001 - av raises several types; all mean "cannot be put in MP4"
             detail = f"cannot remux {path.name} into MP4: {type(e).__name__}: {e}"
             raise MediaSkip("unreadable", detail) from e
     else:
-        raise MediaSkip("unreadable", f"unsupported video extension {suffix!r} (accepted: {VIDEO_SUFFIXES})")
+        raise MediaSkip(
+            "unreadable", f"unsupported video extension {suffix!r} (accepted: {ANY_VIDEO_SUFFIXES})"
+        )
     return Stored(ext, data, has_audio=_check_video(data))
 
 
@@ -259,11 +270,36 @@ def video_member(data: bytes, ext: str) -> Stored:
     return Stored(ext, data, has_audio=_check_video(data))
 
 
+def _decode_s16(src: str | io.BytesIO) -> tuple[np.ndarray, int]:
+    """The first audio stream of a file PyAV opens, decoded: int16 (samples, channels) (mono or
+    stereo), sample rate."""
+    import av
+
+    with av.open(src) as c:
+        if not c.streams.audio:
+            raise MediaSkip("unreadable", "no audio stream")
+        stream = c.streams.audio[0]
+        sr = stream.codec_context.sample_rate
+        channels = 1 if stream.codec_context.channels == 1 else 2
+        resampler = av.AudioResampler(format="s16", layout="mono" if channels == 1 else "stereo", rate=sr)
+        parts = [np.zeros((0, channels), np.int16)]
+        for frame in c.decode(stream):
+            for rf in resampler.resample(frame):
+                parts.append(rf.to_ndarray().reshape(-1, channels))  # packed s16: (1, n * channels)
+    return np.concatenate(parts), sr
+
+
+def _flac(wave: np.ndarray, sr: int) -> bytes:
+    import soundfile as sf
+
+    out = io.BytesIO()
+    sf.write(out, wave, sr, format="FLAC", subtype="PCM_16")
+    return out.getvalue()
+
+
 def store_audio(data: bytes, ext: str) -> Stored:
     """Audio bytes as a member: a format of the data contract (``schema.AUDIO_EXTS``) checked (decoded
     in full) and kept; anything else PyAV decodes is stored as FLAC of the decoded signal."""
-    import av
-
     from mico_ds.data import schema
 
     ext = ext.lower()
@@ -276,27 +312,73 @@ def store_audio(data: bytes, ext: str) -> Stored:
         if len(sf.read(io.BytesIO(data), dtype="float32", always_2d=True)[0]) < 1:
             raise MediaSkip("unreadable", "audio has no samples")
         return Stored(ext, data, has_audio=True)
-    keep = ext in schema.AUDIO_EXTS
-    with av.open(io.BytesIO(data)) as c:
-        if not c.streams.audio:
-            raise MediaSkip("unreadable", "no audio stream")
-        stream = c.streams.audio[0]
-        sr = stream.codec_context.sample_rate
-        channels = 1 if stream.codec_context.channels == 1 else 2
-        resampler = av.AudioResampler(format="s16", layout="mono" if channels == 1 else "stereo", rate=sr)
-        parts = []
-        for frame in c.decode(stream):
-            for rf in resampler.resample(frame):
-                parts.append(rf.to_ndarray().reshape(-1, channels))  # packed s16: (1, n * channels)
-    if not sum(len(p) for p in parts):
+    wave, sr = _decode_s16(io.BytesIO(data))
+    if not len(wave):
         raise MediaSkip("unreadable", "audio has no samples")
-    if keep:
+    if ext in schema.AUDIO_EXTS:
         return Stored(ext, data, has_audio=True)
-    import soundfile as sf
+    return Stored("flac", _flac(wave, sr), has_audio=True, notes=[f"{ext} audio stored as FLAC"])
 
-    out = io.BytesIO()
-    sf.write(out, np.concatenate(parts), sr, format="FLAC", subtype="PCM_16")
-    return Stored("flac", out.getvalue(), has_audio=True, notes=[f"{ext} audio stored as FLAC"])
+
+def cut_audio(path: Path, start: float, end: float) -> Stored:
+    """The span [start, end) seconds of a recording (an audio file, or a video's audio track) as
+    16-bit FLAC, sample-exact (WAV/FLAC are read with soundfile, only the span; others decoded whole
+    with PyAV).
+
+    A recording no longer than the span (plus ``SPAN_SLACK_S``) is the clip already (downloads of
+    AudioSet-style clips often are): it is stored as it is (:func:`store_audio`), noted when the span
+    does not start at 0. A span starting at or past the end raises MediaSkip("span_past_end"); one
+    ending past it is cut at the end (noted).
+    """
+    notes: list[str] = []
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix in ("wav", "flac"):
+        import soundfile as sf
+
+        info = sf.info(str(path))
+        sr, total_n = info.samplerate, info.frames
+        wave: np.ndarray | None = None
+    else:
+        wave, sr = _decode_s16(str(path))
+        total_n = len(wave)
+    total = total_n / sr
+    if total <= end - start + SPAN_SLACK_S:
+        stored = store_audio(path.read_bytes(), suffix)
+        if start > 0:
+            stored.notes.append(
+                f"{path.name} is {total:.3f} s long, no longer than the span [{start:g}, {end:g}) s: "
+                "taken as the already-cut clip"
+            )
+        return stored
+    if start >= total:
+        raise MediaSkip(
+            "span_past_end", f"span starts at {start:.3f} s, past the recording's end ({total:.3f} s)"
+        )
+    if end > total:
+        notes.append(f"span ends at {end:.3f} s, past the recording's end ({total:.3f} s): cut at the end")
+        end = total
+    a, b = round(start * sr), min(total_n, round(end * sr))
+    if wave is None:
+        import soundfile as sf
+
+        wave, _ = sf.read(str(path), start=a, stop=b, dtype="int16", always_2d=True)
+    else:
+        wave = wave[a:b]
+    if not len(wave):
+        raise MediaSkip("no_frames", f"no audio sample in the span [{start:.3f}, {end:.3f}) s")
+    return Stored("flac", _flac(wave, sr), has_audio=True, notes=notes)
+
+
+def store_image(path: Path) -> Stored:
+    """An image file as a member, byte for byte, once Pillow decodes every pixel (JPEG/PNG/WebP; the
+    member extension is told by the content, as the manifest path does)."""
+    from mico_ds.data.write.probe import probe_image
+
+    try:
+        ext = probe_image(path)
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types; all mean "this image is unreadable"
+        raise MediaSkip("unreadable", f"{path.name}: {type(e).__name__}: {e}") from None
+    return Stored(ext, path.read_bytes())
 
 
 def first_existing(candidates: tuple[str, ...], exists: Callable[[str], bool] | None = None) -> Path | None:

@@ -1,5 +1,6 @@
 """Corpus ingestion: a format's records (``mico_ds.data.write.formats``) -> shards, in parallel and
-restartable (``tools/make_shards.py --format F``; docs/data.md, "Pretraining corpora").
+restartable (``tools/make_shards.py --format F``; docs/data.md, "Pretraining corpora", "Downstream
+datasets").
 
 * **Work**: each record's media work (probe, remux, cut; ``mico_ds.data.write.clips``) runs in
   ``workers`` processes; results come back in record order (ordered ``imap``), so the shards are the
@@ -14,12 +15,14 @@ restartable (``tools/make_shards.py --format F``; docs/data.md, "Pretraining cor
   the last state, truncates the reports, and writes the same bytes an uninterrupted run writes.
   Different arguments are refused; ``overwrite`` starts over. A lock on ``OUT/.ingest.lock`` keeps
   two runs out of one directory. (Workers of a killed run exit by themselves: their task and result
-  pipes close with it.)
+  pipes close with it.) A format's own files (``OUT/classes.json``) are written at the start; a
+  restart refuses them changed, as the samples written hold indices into them.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -27,16 +30,27 @@ import signal
 import sys
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from mico_ds.data import schema
 from mico_ds.data.write import formats
-from mico_ds.data.write.clips import MediaSkip, Stored, cut_clip, first_existing, store_audio, store_video
+from mico_ds.data.write.clips import (
+    ANY_VIDEO_SUFFIXES,
+    IMAGE_SUFFIXES,
+    MediaSkip,
+    Stored,
+    cut_audio,
+    cut_clip,
+    first_existing,
+    store_audio,
+    store_image,
+    store_video,
+)
 from mico_ds.data.write.clips import video_member as video_bytes_member
-from mico_ds.data.write.formats.common import ClipFile, Format, Options, Record, TarMember
+from mico_ds.data.write.formats.common import AudioRef, ClipFile, ClipSpan, Format, Options, Record, TarMember
 from mico_ds.data.write.tar import ShardWriter, glob_escape, write_json_atomic
 
 STATE_FILE = "ingest.json"
@@ -90,32 +104,64 @@ def _looked_for(cands: tuple[str, ...]) -> str:
     return ", ".join(cands)
 
 
-def _video(rec: Record) -> Stored:
+def _first(
+    alts: tuple[ClipFile | ClipSpan | TarMember, ...],
+    what: str,
+    member: Callable[[TarMember], Stored],
+    file: Callable[[Path], Stored],
+    span: Callable[[Path, ClipSpan], Stored],
+) -> Stored:
+    """The first alternative that exists, stored by the function of its kind; else missing_file
+    naming every path looked for."""
     missing: list[str] = []
-    for alt in rec.video:
+    for alt in alts:
         if isinstance(alt, TarMember):
-            return video_bytes_member(_read_member(alt), alt.ext)
+            return member(alt)
         path = first_existing(alt.candidates)
         if path is None:
             missing.append(_looked_for(alt.candidates))
             continue
-        if isinstance(alt, ClipFile):
-            return store_video(path)
+        return file(path) if isinstance(alt, ClipFile) else span(path, alt)
+    raise MediaSkip("missing_file", f"{what} not found: " + "; nor ".join(missing))
+
+
+def _video(rec: Record) -> Stored:
+    def span(path: Path, alt: ClipSpan) -> Stored:
         stored = cut_clip(path, alt.start, alt.end)
         if len(rec.video) > 1:
-            span = alt.text or f"[{alt.start}, {alt.end}]"
-            stored.notes.append(f"no clip file: cut from the long video {path.name}, span {span}")
+            text = alt.text or f"[{alt.start}, {alt.end}]"
+            stored.notes.append(f"no clip file: cut from the long video {path.name}, span {text}")
         return stored
-    raise MediaSkip("missing_file", "video not found: " + "; nor ".join(missing))
+
+    return _first(rec.video, "video", lambda m: video_bytes_member(_read_member(m), m.ext), store_video, span)
 
 
-def _audio(ref: ClipFile | TarMember) -> Stored:
-    if isinstance(ref, TarMember):
-        return store_audio(_read_member(ref), ref.ext)
+def _audio(ref: AudioRef | tuple[AudioRef, ...]) -> Stored:
+    return _first(
+        ref if isinstance(ref, tuple) else (ref,),
+        "audio",
+        lambda m: store_audio(_read_member(m), m.ext),
+        lambda path: store_audio(path.read_bytes(), path.suffix.lstrip(".")),
+        lambda path, alt: cut_audio(path, alt.start, alt.end),
+    )
+
+
+def _found(ref: ClipFile, what: str) -> Path:
     path = first_existing(ref.candidates)
     if path is None:
-        raise MediaSkip("missing_file", f"audio not found: {_looked_for(ref.candidates)}")
-    return store_audio(path.read_bytes(), path.suffix.lstrip("."))
+        raise MediaSkip("missing_file", f"{what} not found: {_looked_for(ref.candidates)}")
+    return path
+
+
+def _media(ref: ClipFile) -> Stored:
+    """A file of the kind its suffix tells (image, video, else audio)."""
+    path = _found(ref, "media file")
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return store_image(path)
+    if suffix in ANY_VIDEO_SUFFIXES:
+        return store_video(path)
+    return store_audio(path.read_bytes(), suffix.lstrip("."))
 
 
 def build(item: tuple[int, Record]) -> Outcome:
@@ -128,14 +174,19 @@ def build(item: tuple[int, Record]) -> Outcome:
     members: dict[str, bytes] = {}
     try:
         has_audio = False
+        parts: list[Stored] = []
+        if rec.image is not None:
+            parts.append(store_image(_found(rec.image, "image")))
+        if rec.media is not None:
+            parts.append(_media(rec.media))
         if rec.video:
-            v = _video(rec)
-            members[v.ext], has_audio = v.data, v.has_audio
-            out.notes += v.notes
+            parts.append(_video(rec))
         if rec.audio is not None:
-            a = _audio(rec.audio)
-            members[a.ext], has_audio = a.data, True
-            out.notes += a.notes
+            parts.append(_audio(rec.audio))
+        for part in parts:
+            members[part.ext] = part.data
+            has_audio = has_audio or part.has_audio
+            out.notes += part.notes
         if rec.expects_audio and not has_audio:
             out.notes.append("no audio stream: kept as a video-only sample")
     except MediaSkip as e:
@@ -273,8 +324,8 @@ def ingest(
 
     spec = formats.get(fmt)
     paths = [Path(p) for p in annotations]
-    if not paths:
-        raise IngestError(f"--format {fmt} needs --annotations")
+    if not paths and spec.needs_annotations:
+        raise IngestError(f"--format {fmt} needs --annotations FILE [FILE ...]")
     for p in paths:
         if not p.exists():
             raise IngestError(f"annotation file {p} not found")
@@ -391,6 +442,7 @@ class _Job:
         spec, out = self.spec, self.out
         start = int(state["consumed"])
         state["upstream"] = spec.upstream(self.paths) if spec.upstream is not None else None
+        self._write_outputs(state, start)
         kinds = Counter(state["skip_kinds"])
         counts = {"skipped": int(state["skipped"]), "notes": int(state["notes"]), "written": 0}
         seen: set[str] = set()
@@ -458,7 +510,8 @@ class _Job:
                         f"{out / SKIPPED_FILE}. Is --media-root right?"
                     )
             if cursor == 0:
-                raise IngestError(f"no records in {', '.join(map(str, self.paths))}")
+                where = ", ".join(map(str, self.paths)) or str(self.options.media_root)
+                raise IngestError(f"no records in {where}")
             writer.close()  # the last shard (save()), then sizes.json
             save(complete=True)
         except BaseException:
@@ -470,6 +523,24 @@ class _Job:
             skipped_f.close()
             notes_f.close()
         return _finish_report(out, state, self.limit, complete_before=False, resumed_at=start)
+
+    def _write_outputs(self, state: dict[str, Any], start: int) -> None:
+        """The format's own files of OUT (classes.json); a restart must find them unchanged, as the
+        samples already written depend on them (label indices)."""
+        if self.spec.outputs is None:
+            return
+        files = self.spec.outputs(self.paths, self.options)
+        digests = {
+            n: hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest() for n, c in files.items()
+        }
+        if start and state.get("outputs") != digests:
+            raise IngestError(
+                f"{', '.join(files)} of {self.out} would differ from the stopped run's (the media or "
+                "annotations changed): pass --overwrite to start over"
+            )
+        state["outputs"] = digests
+        for name, content in files.items():
+            write_json_atomic(self.out / name, content)
 
 
 def _finish_report(

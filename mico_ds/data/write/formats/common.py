@@ -4,7 +4,9 @@ that keep the line of every entry (JSON documents, JSON lines, CSV).
 A format is one module of this package with a module-level ``FORMAT = Format(...)``; its ``read``
 function turns (annotation paths, media root, options) into :class:`Record` s in a deterministic
 order (the driver's restart counts records). Reading is cheap and runs in the main process; the media
-work a record names (probing, remuxing, cutting) runs in the driver's worker processes.
+work a record names (probing, remuxing, cutting) runs in the driver's worker processes. Files that
+list an item's captions or questions one an entry are grouped with :class:`Grouper` (one record per
+item, where its first entry was). Modules whose name starts with ``_`` are helpers, not formats.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ class TarMember:
     ext: str
 
 
+AudioRef = ClipFile | ClipSpan | TarMember
+
+
 @dataclass(frozen=True)
 class Record:
     """One sample to build, as the annotation describes it.
@@ -61,7 +66,11 @@ class Record:
         where: ``FILE:LINE`` of the annotation entry (every report about the record names it).
         key: the sample key (already a valid WebDataset key).
         video: alternatives tried in order (e.g. the clip file, else its span of the long video).
-        audio: an audio file or member, when the corpus has separate audio.
+        audio: an audio file or member, when the corpus has separate audio, or alternatives tried in
+            order (an already-cut clip file, else its ClipSpan of the long recording, cut to FLAC).
+        image: an image file (stored byte for byte once Pillow decodes it).
+        media: a file whose kind (image, video or audio) is told by the suffix of the one found
+            (classification lists naming bare ids).
         captions: by field; a field may hold a list (the loader draws one per visit).
         source: the json ``source``.
         meta: further json fields (``category``, ``url``, ...).
@@ -72,7 +81,9 @@ class Record:
     where: str
     key: str
     video: tuple[ClipFile | ClipSpan | TarMember, ...] = ()
-    audio: ClipFile | TarMember | None = None
+    audio: AudioRef | tuple[AudioRef, ...] | None = None
+    image: ClipFile | None = None
+    media: ClipFile | None = None
     captions: dict[str, str | list[str]] = field(default_factory=dict)
     source: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
@@ -97,8 +108,11 @@ class Format:
     help: str  # one line for --help
     read: Callable[[list[Path], Options], Iterator[Record]]
     needs_media_root: bool = True
+    needs_annotations: bool = True  # False: --annotations is optional (imagefolder)
     splits: tuple[str, ...] | None = None  # None: the annotation files are per split (no --split)
     upstream: Callable[[list[Path]], dict[str, Any] | None] | None = None  # counts the corpus tool wrote
+    # JSON files the driver writes into OUT before the records (name -> content, e.g. classes.json)
+    outputs: Callable[[list[Path], Options], dict[str, Any]] | None = None
 
 
 def bad(where: str, key: str, kind: str, detail: str, source: str = "") -> Record:
@@ -154,6 +168,11 @@ def _short(value: object, n: int = 60) -> str:
 def candidates(root: Path, names: list[str]) -> tuple[str, ...]:
     """Absolute paths of ``names`` under ``root``, without duplicates, in order."""
     return tuple(dict.fromkeys(str(root / n) for n in names))
+
+
+def with_suffixes(name: str, suffixes: tuple[str, ...]) -> list[str]:
+    """``name`` itself when it already ends in one of ``suffixes``, then ``name`` + each suffix."""
+    return ([name] if name.lower().endswith(suffixes) else []) + [f"{name}{s}" for s in suffixes]
 
 
 # ----------------------------------------------------------------------------- annotation readers
@@ -304,17 +323,32 @@ def _array_entries(cur: _Cursor) -> Iterator[tuple[int, int, Any]]:
         index += 1
 
 
-def iter_csv(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str] | str]]:
-    """``(line, row)`` of a CSV file with a header (the line a row starts on); a row with the wrong
-    number of fields yields ``(line, message)``.
+def csv_header(path: Path, delimiter: str = ",") -> list[str]:
+    """The header row of a CSV file (column names stripped).
+
+    Raises:
+        AnnotationError: for an empty file.
+    """
+    with open(path, encoding="utf-8", newline="") as f:
+        header = next(csv.reader(f, delimiter=delimiter), None)
+    if header is None:
+        raise AnnotationError(f"{path}: empty CSV file (no header)")
+    return [h.strip() for h in header]
+
+
+def iter_csv(
+    path: Path, required: tuple[str, ...], delimiter: str = ","
+) -> Iterator[tuple[int, dict[str, str] | str]]:
+    """``(line, row)`` of a CSV file with a header (the line a row starts on; column names stripped);
+    a row with the wrong number of fields yields ``(line, message)``. ``delimiter="\\t"`` reads TSV.
 
     Raises:
         AnnotationError: when the header lacks a ``required`` column.
     """
     with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
+        reader = csv.reader(f, delimiter=delimiter)
         try:
-            header = next(reader)
+            header = [h.strip() for h in next(reader)]
         except StopIteration:
             raise AnnotationError(f"{path}: empty CSV file (no header)") from None
         missing = [c for c in required if c not in header]
@@ -329,3 +363,68 @@ def iter_csv(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[
                 yield line, f"{len(row)} fields, the header has {len(header)}"
                 continue
             yield line, dict(zip(header, row))
+
+
+def json_entries(
+    path: Path, member: str | None = None, header: dict[str, Any] | None = None
+) -> Iterator[tuple[str, Any]]:
+    """``(FILE:LINE (entry N), entry)`` of a JSON list file (or of its object's ``member`` array, the
+    members before it put in ``header``), or ``(FILE:LINE, object)`` of a JSON-lines file (``.jsonl``;
+    a bad line gives its JSONDecodeError)."""
+    if path.suffix.lower() == ".jsonl":
+        for line, obj in iter_jsonl(path):
+            yield f"{path}:{line}", obj
+    else:
+        for line, index, obj in iter_json_array(path, member, header):
+            yield f"{path}:{line} (entry {index})", obj
+
+
+def not_object(where: str, obj: Any, source: str) -> Record | None:
+    """The skip of an entry that is not a JSON object (a bad JSON line, a list ...); None for an object."""
+    if isinstance(obj, Exception):
+        return bad(where, "", "bad_entry", f"not valid JSON ({obj})", source)
+    if not isinstance(obj, dict):
+        return bad(where, "", "bad_entry", f"expected a JSON object, got {type(obj).__name__}", source)
+    return None
+
+
+# ----------------------------------------------------------------------------- grouping entries
+
+
+@dataclass
+class Group:
+    """The entries of one item (a video's questions, a clip's caption rows) that ``id`` names;
+    ``where`` is the first entry's."""
+
+    id: Any
+    where: str
+    key: str
+    entries: list[Any] = field(default_factory=list)
+
+
+class Grouper:
+    """Entries grouped by item in the order of first appearance, interleaved with the skips of bad
+    entries at their own places: iterating yields each :class:`Group` where its first entry was, and
+    each skipped :class:`Record` where it was (a deterministic order whatever the grouping)."""
+
+    def __init__(self) -> None:
+        self._order: list[Group | Record] = []
+        self._groups: dict[object, Group] = {}
+
+    def add(self, item: object, where: str, key: str, entry: Any) -> Group:
+        """Add ``entry`` to the group of ``item`` (made at ``where`` with ``key`` when new)."""
+        group = self._groups.get(item)
+        if group is None:
+            group = self._groups[item] = Group(item, where, key)
+            self._order.append(group)
+        group.entries.append(entry)
+        return group
+
+    def skip(self, record: Record) -> None:
+        self._order.append(record)
+
+    def get(self, item: object) -> Group | None:
+        return self._groups.get(item)
+
+    def __iter__(self) -> Iterator[Group | Record]:
+        return iter(self._order)

@@ -34,22 +34,13 @@ from mico_ds.data.write.formats.common import (
     candidates,
     caption_list,
     caption_text,
-    iter_json_array,
-    iter_jsonl,
+    json_entries,
     make_key,
+    not_object,
+    with_suffixes,
 )
 
 _YT_ID = re.compile(r"(?:v=|youtu\.be/|/shorts/)([A-Za-z0-9_-]{6,})")
-
-
-def entries(path: Path) -> Iterator[tuple[str, Any]]:
-    """``(FILE:LINE, entry)`` of a JSON list file or a JSON-lines file (``.jsonl``)."""
-    if path.suffix.lower() == ".jsonl":
-        for line, obj in iter_jsonl(path):
-            yield f"{path}:{line}", obj
-    else:
-        for line, index, obj in iter_json_array(path):
-            yield f"{path}:{line} (entry {index})", obj
 
 
 def youtube_id(url: object) -> str | None:
@@ -60,10 +51,8 @@ def youtube_id(url: object) -> str | None:
 
 def record(where: str, obj: Any, root: Path, source: str) -> Record:
     """One VAST-27M entry -> a record (or a skipped one naming what is wrong)."""
-    if isinstance(obj, Exception):
-        return bad(where, "", "bad_entry", f"not valid JSON ({obj})", source)
-    if not isinstance(obj, dict):
-        return bad(where, "", "bad_entry", f"expected a JSON object, got {type(obj).__name__}", source)
+    if (skip := not_object(where, obj, source)) is not None:
+        return skip
     clip_id = obj.get("clip_id", obj.get("video_id"))
     try:
         key = make_key(clip_id, VIDEO_SUFFIXES)
@@ -89,9 +78,7 @@ def record(where: str, obj: Any, root: Path, source: str) -> Record:
     if not captions:
         return bad(where, key, "bad_entry", "no captions (vision_cap, audio_cap, subtitle, vast_cap)", source)
     name = str(clip_id).strip()
-    names = [name] if name.lower().endswith(VIDEO_SUFFIXES) else []
-    names += [f"{name}{s}" for s in VIDEO_SUFFIXES]
-    video: list[ClipFile | ClipSpan] = [ClipFile(candidates(root, names))]
+    video: list[ClipFile | ClipSpan] = [ClipFile(candidates(root, with_suffixes(name, VIDEO_SUFFIXES)))]
     vid = youtube_id(obj.get("url"))
     if span is not None and vid is not None:
         long_names = [f"{vid}{s}" for s in VIDEO_SUFFIXES]
@@ -104,7 +91,7 @@ def read(annotations: list[Path], options: Options) -> Iterator[Record]:
     root = options.media_root or Path(".")
     source = options.source or "vast27m"
     for path in annotations:
-        for where, obj in entries(path):
+        for where, obj in json_entries(path):
             yield record(where, obj, root, source)
 
 
