@@ -527,6 +527,8 @@ class EvalConfig(Section):
     length_penalty: float = _f(1.0, "Beam score = sum log-prob / length**length_penalty.")
     qa_samples: int = _f(32, "QA: held-out items whose questions are answered (every question of each).")
     qa_max_tokens: int = _f(8, "QA: most generated answer tokens (EOS included).")
+    qa_baseline_shards: str | None = _f(None, "QA: shards (like data.val_shards) whose json 'qa' pairs "
+        "give the answer-without-looking baseline (most frequent answer per question type).")  # fmt: skip
     use_cache: bool = _f(True, "Decode with the KV cache (False: recompute the whole sequence each step).")
 
     def __post_init__(self) -> None:
@@ -552,6 +554,19 @@ class EvalConfig(Section):
 
 
 @dataclass
+class TaskConfig(Section):
+    """What the run trains (mico_ds/tasks/: one file per task)."""
+
+    name: str = _f("pretrain", "pretrain (MiCo's objectives on captions) or qa (open-ended QA fine-tune).")
+
+    def __post_init__(self) -> None:
+        from mico_ds.tasks import names  # module names only: no task is imported here
+
+        if self.name not in names():
+            raise ValueError(f"task.name: unknown task {self.name!r}; known: {names()}")
+
+
+@dataclass
 class RunConfig(Section):
     """A whole run: one YAML recipe resolves to this."""
 
@@ -565,6 +580,7 @@ class RunConfig(Section):
     train: TrainConfig = _section(TrainConfig, "Training loop.")
     checkpoint: CheckpointConfig = _section(CheckpointConfig, "Checkpoints.")
     eval: EvalConfig = _section(EvalConfig, "Evaluation.")
+    task: TaskConfig = _section(TaskConfig, "Task.")
     launch: dict[str, Any] = _f({}, "Launcher hints (e.g. nproc for the demo); not read by the trainer.")
 
     def __post_init__(self) -> None:

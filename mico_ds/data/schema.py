@@ -76,6 +76,9 @@ CAPTIONS = "captions"
 CORPUS = "corpus"
 EVAL_TEXTS = "eval_texts"
 QA = "qa"
+# (B, L) bool, set by a task (mico_ds.tasks): the generation objective predicts exactly these tokens
+# (each from the tokens before it, <mask> at its own position) instead of a random mask_ratio of them.
+GEN_TARGETS = "gen_targets"
 
 # The json field naming the recording a clip was cut from (HD-VILA / VAST-27M / MSR-VTT "video_id").
 SOURCE_KEY_FIELD = "video_id"

@@ -39,6 +39,31 @@ def question_prompt(tokenizer: Any, question: str) -> list[int]:
     return [tokenizer.special.bos_id, *tokenizer.tokenize_ids([question])[0]]
 
 
+def template_of(pair: dict[str, Any]) -> str:
+    """The question template of a pair, the unit of the answer-without-looking baseline: its ``type``
+    (the demo corpus's 8 types each have one question text up to the item's attribute words), else
+    the normalized question text."""
+    t = pair.get("type")
+    return str(t) if t is not None else normalize_answer(pair["q"])
+
+
+def answer_prior(pairs: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """The most frequent normalized answer per template (:func:`template_of`) of ``pairs``; a tie
+    goes to the answer that sorts first."""
+    counts: dict[str, Counter] = {}
+    for p in pairs:
+        counts.setdefault(template_of(p), Counter())[normalize_answer(p["a"])] += 1
+    return {t: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for t, c in sorted(counts.items())}
+
+
+def read_pairs(urls: Iterable[str]) -> list[dict[str, Any]]:
+    """Every json ``"qa"`` pair of the samples of these shards (malformed pairs left out)."""
+    from mico_ds.data.io import iter_tar_samples
+    from mico_ds.data.read.batch import read_qa_pairs
+
+    return [p for url in urls for _, sample in iter_tar_samples(url) for p in read_qa_pairs(sample)]
+
+
 @torch.no_grad()
 def evaluate_qa(
     model: Any,
@@ -50,15 +75,19 @@ def evaluate_qa(
     prefix: str = "qa/",
     progress: bool = False,
     examples: int = 3,
+    prior: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Answer every question (batch ``qa`` lists) of the valid items of ``batches`` on every rank.
 
     The context prefix of each batch is computed once; questions are then decoded in chunks of
     ``batch_size``, the same number of chunks on every rank (dummy chunks where a rank has fewer).
+    ``prior`` (:func:`answer_prior` of another split's pairs) answers the same questions without
+    looking: ``qa/baseline_accuracy`` (a template it lacks counts as wrong).
 
     Returns:
-        ``qa/accuracy`` (percent), ``qa/accuracy_<type>`` per question type, ``qa/n`` questions, and
-        a few ``qa/examples``; ``{}`` when no item carries questions.
+        ``qa/accuracy`` (percent), ``qa/accuracy_<type>`` per question type, ``qa/n`` questions, a
+        few ``qa/examples``, with ``prior`` ``qa/baseline_accuracy`` and ``qa/baseline_<type>``;
+        ``{}`` when no item carries questions.
     """
     from tqdm import tqdm
 
@@ -91,17 +120,23 @@ def evaluate_qa(
         preds += [tokenizer.decode(t) for t in out.tokens]
     local = [(q, a, t, p) for (_, q, a, t), p in zip(rows, preds)]
     everything = [r for part in mdist.all_gather_object(local) for r in part]
-    hits, totals = Counter(), Counter()
-    for _, a, t, p in everything:
+    hits, totals, base = Counter(), Counter(), Counter()
+    for q, a, t, p in everything:
         ok = exact_match(p, a)
+        guess = None if prior is None else prior.get(template_of({"q": q, "type": None if t == "all" else t}))
         for key in {"all", t}:
             hits[key] += ok
             totals[key] += 1
+            base[key] += guess is not None and exact_match(guess, a)
     out: dict[str, Any] = {
         f"{prefix}accuracy": 100.0 * hits["all"] / totals["all"],
         f"{prefix}n": float(totals["all"]),
     }
     for t in sorted(k for k in totals if k != "all"):
         out[f"{prefix}accuracy_{t}"] = 100.0 * hits[t] / totals[t]
+    if prior is not None:
+        out[f"{prefix}baseline_accuracy"] = 100.0 * base["all"] / totals["all"]
+        for t in sorted(k for k in totals if k != "all"):
+            out[f"{prefix}baseline_{t}"] = 100.0 * base[t] / totals[t]
     out[f"{prefix}examples"] = [{"q": q, "a": a, "predicted": p} for q, a, _, p in everything[:examples]]
     return out

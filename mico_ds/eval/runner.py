@@ -129,6 +129,24 @@ def tune_rerank_weight(
     return res["retrieval/tune_rerank_weight"], {**keep, "retrieval/rerank_weight_tuned": 1.0}
 
 
+_PRIORS: dict[tuple[str, ...], dict[str, str]] = {}
+
+
+def qa_prior(cfg: RunConfig) -> dict[str, str] | None:
+    """The answer-without-looking baseline's answers (``eval.qa_baseline_shards``; None when unset),
+    read once per process: the most frequent answer per question template of that split's pairs."""
+    from mico_ds.data.io import expand_urls
+    from mico_ds.eval.qa import answer_prior, read_pairs
+
+    shards = cfg.eval.qa_baseline_shards
+    if not shards:
+        return None
+    urls = tuple(expand_urls(shards, cfg.data.root))
+    if urls not in _PRIORS:
+        _PRIORS[urls] = answer_prior(read_pairs(urls))
+    return _PRIORS[urls]
+
+
 def scalars(results: dict[str, Any]) -> dict[str, float]:
     """The numeric entries of a result dict (what goes into metrics.jsonl)."""
     return {
@@ -209,7 +227,10 @@ def run_evaluation(
                     length_penalty=e.length_penalty,
                     use_cache=e.use_cache,
                 )
-                res = evaluate_qa(model, part, tokenizer, opts, batch_size=e.batch_size, progress=progress)
+                res = evaluate_qa(
+                    model, part, tokenizer, opts, batch_size=e.batch_size, progress=progress,
+                    prior=qa_prior(cfg),
+                )  # fmt: skip
                 if not res and mdist.is_main_process():
                     log.warning("qa: no held-out item carries questions (json 'qa'); task skipped")
             out.update(res)
@@ -275,6 +296,15 @@ def format_results(res: dict[str, Any]) -> str:
             f"{k.split('accuracy_', 1)[1]} {v:.1f}" for k, v in res.items() if k.startswith("qa/accuracy_")
         )
         lines.append(f"qa: {int(res['qa/n'])} questions  exact match {res['qa/accuracy']:.2f}%  ({per})")
+        if "qa/baseline_accuracy" in res:
+            base = {
+                k: v for k, v in res.items() if k.startswith("qa/baseline_") and k != "qa/baseline_accuracy"
+            }
+            per = "  ".join(f"{k.split('baseline_', 1)[1]} {v:.1f}" for k, v in base.items())
+            lines.append(
+                f"  answer without looking (most frequent train answer per question type): "
+                f"{res['qa/baseline_accuracy']:.2f}%  ({per})"
+            )
         for ex in res.get("qa/examples", [])[:2]:
             lines.append(f"  Q: {ex['q']}  A: {ex['a']!r}  predicted: {ex['predicted']!r}")
     return "\n".join(lines)

@@ -32,6 +32,7 @@ from torch import nn
 
 from mico_ds.config import InputConfig, ModelConfig, ObjectiveConfig, RunConfig
 from mico_ds.data.schema import (
+    GEN_TARGETS,
     MODALITIES,
     SAMPLE_SOURCE,
     SOURCE_GROUP,
@@ -47,7 +48,7 @@ from mico_ds.models.heads import LogitScale, MatchHead, PrefixProjector, Project
 from mico_ds.models.omni_encoder import OmniEncoder
 from mico_ds.models.text_branch import TextBranch, last_valid_index
 from mico_ds.objectives.contrastive import contrastive_loss, in_batch_top1
-from mico_ds.objectives.generation import generation_loss, mask_caption_tokens
+from mico_ds.objectives.generation import generation_loss, mask_caption_tokens, target_rows
 from mico_ds.objectives.matching import (
     caption_hash,
     gather_texts,
@@ -256,7 +257,9 @@ class MiCoModel(nn.Module):
         Args:
             batch: one micro-batch.
             step, micro: the optimizer step and the micro-batch within it; they seed this pass's
-                caption masking and hard-negative mining (:meth:`generator`).
+                caption masking and hard-negative mining (:meth:`generator`). A batch with a task's
+                ``gen_targets`` (``mico_ds.tasks``) trains generation on exactly those tokens, one
+                decoder row per target as the decoder generates it (``generation.target_rows``).
 
         Returns:
             losses: ``contrastive_loss``, ``matching_loss``, ``generation_loss`` (zero, detached, for a
@@ -293,7 +296,15 @@ class MiCoModel(nn.Module):
                 valid = self.add_matching_rows(
                     rows, prefix, ids, mask, ids_all, mask_all, feats, scale, gen, batch.get(SOURCE_GROUP)
                 )
-            if w["generation_loss"] > 0:
+            gen_ids = ids
+            if w["generation_loss"] > 0 and batch.get(GEN_TARGETS) is not None:
+                # A task's targets (QA: the answer + EOS), one row per target token (target_rows).
+                targets = batch[GEN_TARGETS].to(ids.device)
+                targets = F.pad(targets, (0, ids.shape[1] - targets.shape[1]))  # ids padded by matching
+                src, masked_ids, is_masked = target_rows(ids, targets, self.special.mask_id)
+                rows.add(GENERATION_ROWS, prefix[src], masked_ids, mask[src])
+                gen_ids = ids[src]
+            elif w["generation_loss"] > 0:
                 # (B, L) noise from a CPU generator: the same masks on every device, for a tiny copy.
                 gen = self.generator(RandomStream.GENERATION, step, micro, "cpu")
                 masked_ids, is_masked = mask_caption_tokens(
@@ -311,7 +322,7 @@ class MiCoModel(nn.Module):
                 report.update(figures)
             if GENERATION_ROWS in rows:  # Eq. 6
                 losses["generation_loss"], report["masked_tokens"] = self.generation_term(
-                    rows.take(GENERATION_ROWS, h_text), ids, is_masked
+                    rows.take(GENERATION_ROWS, h_text), gen_ids, is_masked
                 )
         total = sum(w[k] * losses[k] for k in LOSS_KEYS if k in losses)
         for k in LOSS_KEYS:

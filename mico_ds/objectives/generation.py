@@ -73,3 +73,29 @@ def generation_loss(logits_nV: torch.Tensor, targets_n: torch.Tensor) -> tuple[t
     count = torch.tensor(float(targets_n.numel()), device=logits_nV.device, dtype=dtype)
     global_count = all_reduce_sum(count)
     return local_sum * get_world_size() / global_count.clamp(min=1.0), global_count
+
+
+def target_rows(
+    text_ids: torch.Tensor, targets: torch.Tensor, mask_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decoder row per target token, as the captioning decoder generates (``mico_ds.eval.captioning``).
+
+    To generate the token at position t the decoder reads the real tokens before t and ``<mask>`` at t
+    under a causal mask; so row r, for the target (i, t), is row i of ``text_ids`` with ``<mask>`` at t
+    and predicts the original token there. Under causal attention the tokens after t do not reach it,
+    so they stay as they are. (Masking all targets of a row at once would show the later targets
+    ``<mask>`` where decoding shows the tokens it generated.)
+
+    Args:
+        text_ids: (B, L); targets: (B, L) bool, the positions to predict (a task's ``gen_targets``).
+
+    Returns:
+        source row of each new row (R,), masked ids (R, L), is_masked (R, L) (one True per row).
+    """
+    src, pos = targets.bool().nonzero(as_tuple=True)
+    masked = text_ids[src].clone()
+    rows = torch.arange(src.shape[0], device=text_ids.device)
+    masked[rows, pos] = mask_id
+    is_masked = torch.zeros_like(masked, dtype=torch.bool)
+    is_masked[rows, pos] = True
+    return src, masked, is_masked

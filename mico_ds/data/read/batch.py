@@ -115,13 +115,29 @@ def eval_extras(item: dict, fields: dict[str, str]) -> dict:
         t = join_captions({**fields, **{f: v[j % len(v)] for f, v in alts.items()}})
         if t not in texts:
             texts.append(t)
+    return {schema.EVAL_TEXTS: texts, schema.QA: qa_pairs_of(meta)}
+
+
+def qa_pairs_of(meta: Any) -> list[dict]:
+    """The ``{"q": str, "a": str, ...}`` entries of a parsed json's ``"qa"`` list; malformed entries
+    (and texts a tokenizer cannot take, see ``decode.is_text``) are ignored."""
     qa = meta.get("qa") if isinstance(meta, dict) else None
-    pairs = [
+    return [
         dict(p)
         for p in (qa if isinstance(qa, list) else [])
         if isinstance(p, dict) and is_text(p.get("q")) and is_text(p.get("a"))
     ]
-    return {schema.EVAL_TEXTS: texts, schema.QA: pairs}
+
+
+def read_qa_pairs(item: dict) -> list[dict]:
+    """:func:`qa_pairs_of` a raw sample's json member ([] without one, or when it does not parse)."""
+    raw = item.get(schema.JSON_EXT)
+    if raw is None:
+        return []
+    try:
+        return qa_pairs_of(json.loads(raw))
+    except ValueError:
+        return []
 
 
 def truncate(batch: dict, n: int) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from torch.utils.data import DataLoader
 
@@ -52,6 +53,7 @@ class CorpusLoader:
         train: training-mode decoding (random crops/frames/clips) and shuffling.
         salt: distinguishes streams of the same shards (e.g. a joined corpus's copy of a source).
         pin_memory, multiprocessing_context, prefetch_factor: passed to ``torch.utils.data.DataLoader``.
+        task: a task's :class:`~mico_ds.tasks.base.SampleTask` (what each sample trains; None: its captions).
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class CorpusLoader:
         pin_memory: bool = False,
         multiprocessing_context: str | None = None,
         prefetch_factor: int = 2,
+        task: Any = None,
     ) -> None:
         if corpus.batch_size < 1:
             raise ValueError(f"corpus {corpus.name!r}: batch_size must be >= 1, got {corpus.batch_size}")
@@ -114,6 +117,7 @@ class CorpusLoader:
         self.pin_memory = pin_memory
         self.multiprocessing_context = multiprocessing_context
         self.prefetch_factor = prefetch_factor
+        self.task = task
         self.positions: list[Position] = [(0, 0, 0)] * self.workers
         self.rotation = 0
         self.consumed = 0
@@ -142,6 +146,7 @@ class CorpusLoader:
             limits=self.data.limits,
             max_failed_shards=self.data.max_failed_shards,
             caption_fields=tuple(self.corpus.caption_fields),
+            task=self.task,
         )
 
     def _start(self) -> Iterator[WorkerMessage]:

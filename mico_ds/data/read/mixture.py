@@ -401,10 +401,19 @@ def build_train_loader(
 
     ``tokenizer`` defaults to ``cfg.data.tokenizer`` (loaded in every worker); ``loader_kwargs``
     (num_workers, pin_memory, multiprocessing_context, prefetch_factor) go to every CorpusLoader.
+    The run's task (``task.name``, ``mico_ds.tasks``) checks the config and may give the corpora's
+    streams its :class:`~mico_ds.tasks.base.SampleTask`.
     """
+    from mico_ds import tasks
+
     data = cfg.data
     if not data.corpora:
         raise ValueError("data.corpora is empty: no training corpus configured")
+    task = tasks.get(cfg.task.name)
+    task.check(cfg)
+    sample_task = task.sample_task(cfg)
+    if sample_task is not None:  # pretrain passes nothing: its loaders are built as they always were
+        loader_kwargs = {**loader_kwargs, "task": sample_task}
     tok = data.tokenizer if tokenizer == FROM_DATA else tokenizer
     total = cfg.train.max_steps * cfg.optim.grad_accum
     counts = step_counts(data.corpora, total)

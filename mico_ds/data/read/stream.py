@@ -88,6 +88,7 @@ class StreamSpec:
     limits: DecodeLimits | None = None  # data.limits (None: its defaults)
     max_failed_shards: float = 0.01  # data.max_failed_shards: per stream and epoch, see failed_shard_limit
     caption_fields: tuple[str, ...] = schema.CAPTION_FIELDS  # data.corpora[].caption_fields
+    task: Any = None  # a task's SampleTask (mico_ds.tasks.base); None: the captions as they are
 
 
 def failed_shard_limit(max_failed_shards: float, shards_per_epoch: int) -> float:
@@ -147,7 +148,10 @@ class ShardStream(IterableDataset):
             if _worker_fault(sp.rank, taken // max(1, sp.batch_size) + 1):
                 raise RuntimeError(f"MICO_TEST_FAULT: a data worker of rank {sp.rank} raises")
             batch = collate(buf, modalities, sp.inputs)
-            tokenize_into(batch, batch[schema.CAPTIONS], tokenizer, sp.text_max_len)
+            if sp.task is None:
+                tokenize_into(batch, batch[schema.CAPTIONS], tokenizer, sp.text_max_len)
+            else:
+                sp.task.tokenize(batch, buf, tokenizer)
             batch[schema.CORPUS] = sp.corpus
             return WorkerMessage(j, pos, stats.as_dict(), batch, [s["fields"] for s in buf])
 
@@ -176,6 +180,8 @@ class ShardStream(IterableDataset):
                 )
                 try:
                     sample = decoder(item, rng)
+                    if sp.task is not None:  # after decoding: the media draws are the pretraining ones
+                        sp.task.prepare(item, sample, e, sp.plan.seed, tokenizer)
                     if not sp.train:  # evaluation-only fields; training batches stay as they are
                         sample.update(eval_extras(item, sample["fields"]))
                     buf.append(sample)
