@@ -115,6 +115,8 @@ RULES: list[Rule] = [
     Rule(r"deepspeed --num_gpus G --module mico_ds\.train --recipe NAME --run-dir runs/ft "
          r"--init mico/model_step_NNNN\.pt --model\.vision\.pretrained=null",
          "covered", "tests/unit/test_mico_release.py::test_init_from_loads_the_release_state_dict"),
+    Rule(r"python -m mico_ds\.train --recipe demo_qa --init runs/demo --run-dir runs/demo_qa", H,  # minutes
+         "python -m mico_ds.train --recipe demo_qa --print-config", expect=("qa_baseline_shards",)),
     # --- planner
     Rule(r"python tools/plan\.py .*--validate", "covered",
          "tests/unit/test_plan.py::test_predicted_peak_matches_a_real_zero3_cpu_run"),
