@@ -37,10 +37,10 @@ from torch import nn
 from mico_ds import distributed as mdist
 from mico_ds.checkpoint.formats.hf_llama import hf_llama_plan
 from mico_ds.checkpoint.formats.mico_release import is_mico_release, mico_release_plan
-from mico_ds.checkpoint.formats.reader import CheckpointReader, Conversion, materialize
+from mico_ds.checkpoint.formats.reader import CheckpointReader, Conversion, materialize, target_shapes
 from mico_ds.checkpoint.formats.timm import timm_plan
 from mico_ds.checkpoint.layout import locate
-from mico_ds.distributed.zero_load import branch_key, load_branch, raise_on_every_rank
+from mico_ds.distributed.zero_load import branch_key, load_branch, load_plan_zero3
 
 log = logging.getLogger("mico_ds")
 
@@ -77,11 +77,6 @@ def is_branch_export(p: Path) -> bool:
     return p.is_dir() and (p / "vision").is_dir() and (p / "text").is_dir()
 
 
-def model_shapes(model: nn.Module) -> dict[str, Shape]:
-    """Every parameter's full shape (ZeRO-3 partitions report theirs as ``ds_shape``)."""
-    return {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
-
-
 def match_keys(have: Mapping[str, Shape], want: Mapping[str, Shape], where: str) -> tuple[list, list, list]:
     """(loaded, added, unused) key lists; raises ValueError naming every key whose shapes differ."""
     bad = [f"{k}: checkpoint {tuple(have[k])}, model {tuple(want[k])}" for k in want if k in have
@@ -103,7 +98,7 @@ class _Source:
     def __init__(self, path: str) -> None:
         loc = locate(path, state_dicts=True, flag="--init")
         self.where = str(loc.tag_dir)
-        self.path = Path(self.where)  # materialize() names it in its errors
+        self.path = Path(self.where)  # a reader for materialize(), which names it in its errors
         self.kind = loc.kind
         self._reader: CheckpointReader | None = None
         if loc.kind == "zero":
@@ -119,12 +114,6 @@ class _Source:
         if self._reader is not None:
             return self._reader.get(key)
         return self._lazy[key].contiguous()
-
-    def tensor(self, conv: Conversion, shape: Shape) -> torch.Tensor:
-        """One plan row: a tensor of the name match as stored, or a converted release tensor."""
-        if self.kind == "mico_release":
-            return materialize(conv, self, shape)  # type: ignore[arg-type]
-        return self.get(conv.sources[0]).reshape(shape)
 
     def close(self) -> None:
         if self._reader is not None:
@@ -142,7 +131,7 @@ def _plan(src: _Source, model: nn.Module) -> _Plan:
         src.kind = "mico_release"
         rp = mico_release_plan(src.shapes, model, where)
         return src.where, src.kind, rp.rows, rp.added, rp.unused, rp.reasons
-    loaded, added, unused = match_keys(src.shapes, model_shapes(model), where)
+    loaded, added, unused = match_keys(src.shapes, target_shapes(model), where)
     return src.where, src.kind, [Conversion(k, (k,)) for k in loaded], added, unused, {}
 
 
@@ -180,32 +169,20 @@ def init_from(model: nn.Module, path: str, zero3: bool) -> InitReport:
         raise ValueError(error)
     assert plan is not None
     where, kind, rows, added, unused, reasons = plan
-    params = dict(model.named_parameters())
-    failed: str | None = None
     try:
-        for conv in rows:
-            prm = params[conv.target]
-            if not zero3:
+        if zero3:
+            load_plan_zero3(model, rows, src, f"--init {where}")  # type: ignore[arg-type]
+        else:
+            params = dict(model.named_parameters())
+            for conv in rows:
+                prm = params[conv.target]
                 with torch.no_grad():
                     try:
-                        prm.data.copy_(src.tensor(conv, tuple(prm.shape)))  # type: ignore[union-attr]
+                        prm.data.copy_(materialize(conv, src, tuple(prm.shape)))  # type: ignore[arg-type]
                     except (ValueError, RuntimeError) as e:  # a bad release value: name the parameter
                         raise ValueError(f"--init {where}: {conv.target}: {e}") from None
-                continue
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([prm], modifier_rank=0), torch.no_grad():
-                if src is not None and failed is None:
-                    try:
-                        prm.data.copy_(src.tensor(conv, tuple(prm.shape)))
-                    except Exception as e:  # raised on every rank below: never a hang in the next gather
-                        failed = f"--init {where}: {conv.target}: {type(e).__name__}: {e}"
     finally:
         if src is not None:
             src.close()
-    if zero3:
-        raise_on_every_rank(failed)
-    elif failed is not None:
-        raise ValueError(failed)
     loaded = [c.target for c in rows]
     return InitReport(where, kind, loaded, added, unused, time.perf_counter() - t0, reasons)

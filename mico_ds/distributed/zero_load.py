@@ -104,7 +104,7 @@ def load_branch(
             load_plan_into(module, plan, reader)
             largest = max((p.numel() for p in module.parameters()), default=0)
         else:
-            largest = _load_zero3(module, plan, reader, path)
+            largest = load_plan_zero3(module, plan, reader, path)
     finally:
         if reader is not None:
             reader.close()
@@ -112,8 +112,12 @@ def load_branch(
     return LoadReport(branch, str(path), len(plan), files, largest, time.perf_counter() - t0)
 
 
-def _load_zero3(module: nn.Module, plan: list[Conversion], reader: CheckpointReader | None, path: str) -> int:
-    """Gather one parameter at a time; rank 0 writes it; leaving the context broadcasts and re-partitions."""
+def load_plan_zero3(
+    module: nn.Module, plan: list[Conversion], reader: CheckpointReader | None, path: str
+) -> int:
+    """Gather one parameter at a time; rank 0 (which alone holds ``reader``) writes it; leaving the
+    context broadcasts and re-partitions. A failure is raised on every rank, prefixed with ``path``.
+    Returns the largest parameter's element count."""
     import deepspeed
 
     rank = mdist.get_rank()
