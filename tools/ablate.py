@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from mico_ds.config.sections import EvalConfig
+from mico_ds.config import EvalConfig
 
 REPO = Path(__file__).resolve().parents[1]
 ALL = ["image", "video", "audio", "depth", "normal"]

@@ -1,5 +1,6 @@
 """Typed run configuration: the sections (``sections``) and how recipes load into them (``loading``)."""
 
+from mico_ds.config.eval_task import EVAL_TASKS, CheckpointConfig, EvalConfig, TaskConfig
 from mico_ds.config.loading import (
     apply_overrides,
     config_from_dict,
@@ -14,20 +15,16 @@ from mico_ds.config.loading import (
     set_dotted,
 )
 from mico_ds.config.sections import (
-    EVAL_TASKS,
-    CheckpointConfig,
     ContextConfig,
     CorpusConfig,
     DataConfig,
     DecodeLimits,
     DemoConfig,
-    EvalConfig,
     InputConfig,
     ModelConfig,
     ObjectiveConfig,
     OptimConfig,
     RunConfig,
-    TaskConfig,
     TextConfig,
     TrainConfig,
     VisionConfig,

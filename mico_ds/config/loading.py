@@ -26,7 +26,8 @@ from typing import Any
 import yaml
 
 from mico_ds import resources
-from mico_ds.config.sections import RunConfig, field_types, literal_error
+from mico_ds.config.base import field_types, literal_error
+from mico_ds.config.sections import RunConfig
 
 INCLUDE_KEY = "include"
 

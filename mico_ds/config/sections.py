@@ -9,56 +9,12 @@ Sections hold only serializable values.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
+from mico_ds.config.base import Section, _f, _section
+from mico_ds.config.eval_task import CheckpointConfig, EvalConfig, TaskConfig
 from mico_ds.data.schema import CAPTION_FIELDS, MODALITIES, TEXT_FIELDS, Modality
-
-
-def _f(default: Any, help: str) -> Any:
-    """A dataclass field with a help string (mutable defaults via factory)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-def _section(cls: type, help: str) -> Any:
-    """A nested section, built with its own defaults."""
-    return field(default_factory=cls, metadata={"help": help})
-
-
-def literal_error(tp: Any, value: Any) -> str | None:
-    """Why ``value`` is not allowed by a ``Literal[...]`` (or ``list[Literal[...]]``) type; None if it is."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        return None if value in allowed else f"unknown value {value!r}; allowed: {list(allowed)}"
-    if origin is list and value is not None:
-        (inner,) = typing.get_args(tp)
-        if typing.get_origin(inner) is Literal:
-            bad = [v for v in value if v not in typing.get_args(inner)]
-            return f"unknown {bad}; allowed: {list(typing.get_args(inner))}" if bad else None
-    return None
-
-
-@functools.cache
-def field_types(cls: type) -> dict[str, Any]:
-    """The resolved annotations of a section (strings under ``from __future__ import annotations``)."""
-    return typing.get_type_hints(cls)
-
-
-class Section:
-    """Base of every section: checks its ``Literal`` fields on construction."""
-
-    def __post_init__(self) -> None:
-        hints = field_types(type(self))
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            err = literal_error(hints[f.name], getattr(self, f.name))
-            if err:
-                raise ValueError(f"{type(self).__name__}.{f.name}: {err}")
-
 
 # ----------------------------------------------------------------------------- inputs / data
 
@@ -192,6 +148,11 @@ class DataConfig(Section):
     root: str = _f("data", "Directory shard paths are relative to.")
     corpora: list[CorpusConfig] = _f([], "Training corpora, mixed step by step by a seeded schedule.")
     val_shards: str | None = _f(None, "Held-out shards for in-training retrieval evaluation.")
+    test_shards: str | None = _f(
+        None,
+        "Test split (like data.val_shards): evaluated once when training ends, with the best checkpoint's "
+        "weights under checkpoint.keep_best, into summary.json's 'test'.",
+    )
     val_modalities: list[Modality] = _f(["image"], "Modalities of the held-out samples used for evaluation.")
     val_caption_fields: list[str] = _f(
         list(CAPTION_FIELDS),
@@ -469,101 +430,6 @@ class TrainConfig(Section):
                 raise ValueError(f"train.{k} must be >= 0, got {getattr(self, k)}")
         if self.spike_window < 1:
             raise ValueError(f"train.spike_window must be >= 1, got {self.spike_window}")
-
-
-@dataclass
-class CheckpointConfig(Section):
-    """Checkpoint retention, verification and the free-space check (docs/operations.md, "Checkpoint
-    integrity and a full disk")."""
-
-    keep_last: int = _f(3, "Keep the newest K checkpoints.")
-    keep_every: int = _f(0, "Also keep every checkpoint whose step is a multiple of M (0: none).")
-    verify: Literal["checksum", "size", "off"] = _f(
-        "checksum",
-        "What a resume checks of a checkpoint against its manifest (mico_manifest.json): every file's size "
-        "and CRC-32 (read once, split over the ranks), sizes only, or nothing. `--resume latest` falls back "
-        "to the newest intact checkpoint; a named damaged one is an error.",
-    )
-    check_free_space: bool = _f(
-        True,
-        "Before a save, stop the run (nothing written, `latest` kept) when the disk has less free space "
-        "than the previous checkpoint took.",
-    )
-
-
-EvalTask = Literal["retrieval", "captioning", "qa", "grounding"]
-EVAL_TASKS: tuple[str, ...] = typing.get_args(EvalTask)
-
-
-@dataclass
-class EvalConfig(Section):
-    """Evaluation on data.val_shards: in training (every train.eval_every steps and at the end) and by
-    ``python -m mico_ds.eval`` (MiCo appendix B.3 protocol)."""
-
-    tasks: list[EvalTask] = _f(
-        ["retrieval", "captioning", "qa"],
-        f"Evaluation tasks, a subset of {list(EVAL_TASKS)} (grounding: does the LLM read the context?).",
-    )
-    max_samples: int = _f(256, "Held-out items evaluated for retrieval (all of their captions).")
-    batch_size: int = _f(32, "Per-rank evaluation batch size (items, texts, or reranked pairs).")
-    rerank_k: int = _f(50, "Retrieval: top-k candidates reranked by the matching head (paper: 50; 0: off).")
-    rerank_weight: float | None = _f(
-        None,
-        "Retrieval: weight of the matching log-odds added to the contrastive logit in the rerank "
-        "(fused score = scale * sim + w * match); None: chosen on eval.rerank_tune_shards, or 1.0 "
-        "(with a warning) when those are not set.",
-    )
-    rerank_tune_shards: str | None = _f(
-        None,
-        "Retrieval: held-out shards (brace pattern relative to data.root, like data.val_shards) used only "
-        "to choose eval.rerank_weight; must differ from data.val_shards.",
-    )
-    rerank_tune_samples: int = _f(128, "Retrieval: items of eval.rerank_tune_shards the weight is chosen on.")
-    caption_samples: int = _f(64, "Captioning: held-out items captioned.")
-    num_beams: int = _f(3, "Beam size for captioning and QA (paper: 3; 1 = greedy).")
-    caption_max_tokens: int | None = _f(
-        None, "Captioning: most generated tokens (EOS included); None: data.text_max_len - 1."
-    )
-    length_penalty: float = _f(1.0, "Beam score = sum log-prob / length**length_penalty.")
-    qa_samples: int = _f(32, "QA: held-out items whose questions are answered (every question of each).")
-    qa_max_tokens: int = _f(8, "QA: most generated answer tokens (EOS included).")
-    qa_baseline_shards: str | None = _f(None, "QA: shards (like data.val_shards) whose json 'qa' pairs "
-        "give the answer-without-looking baseline (most frequent answer per question type).")  # fmt: skip
-    use_cache: bool = _f(True, "Decode with the KV cache (False: recompute the whole sequence each step).")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        sizes = {
-            "max_samples": self.max_samples,
-            "batch_size": self.batch_size,
-            "caption_samples": self.caption_samples,
-            "num_beams": self.num_beams,
-            "qa_samples": self.qa_samples,
-            "qa_max_tokens": self.qa_max_tokens,
-            "rerank_tune_samples": self.rerank_tune_samples,
-        }
-        if self.caption_max_tokens is not None:
-            sizes["caption_max_tokens"] = self.caption_max_tokens
-        small = {k: v for k, v in sizes.items() if v < 1}
-        if small or self.rerank_k < 0:
-            raise ValueError(
-                f"eval sizes must be >= 1 (rerank_k >= 0): got {small or {'rerank_k': self.rerank_k}}"
-            )
-        if self.rerank_weight is not None and not self.rerank_weight >= 0:
-            raise ValueError(f"eval.rerank_weight must be >= 0 (or null: tuned), got {self.rerank_weight}")
-
-
-@dataclass
-class TaskConfig(Section):
-    """What the run trains (mico_ds/tasks/: one file per task)."""
-
-    name: str = _f("pretrain", "pretrain (MiCo's objectives on captions) or qa (open-ended QA fine-tune).")
-
-    def __post_init__(self) -> None:
-        from mico_ds.tasks import names  # module names only: no task is imported here
-
-        if self.name not in names():
-            raise ValueError(f"task.name: unknown task {self.name!r}; known: {names()}")
 
 
 @dataclass

@@ -19,7 +19,10 @@ from typing import Any, Protocol
 
 
 class SampleTask(Protocol):
-    """The worker side of a task (picklable: it travels to the data workers)."""
+    """The worker side of a task (picklable: it travels to the data workers). ``needs_captions``
+    False keeps samples without captions (the task reads its own labels from the json member)."""
+
+    needs_captions: bool
 
     def prepare(
         self, item: dict[str, Any], sample: dict[str, Any], epoch: int, seed: int, tokenizer: Any
@@ -33,10 +36,12 @@ class SampleTask(Protocol):
 
 @dataclass(frozen=True)
 class Task:
-    """A training task: its name, what it says it trains, and its hooks (module docstring)."""
+    """A training task: its name, what it says it trains, the evaluation figure that ranks its
+    checkpoints (``checkpoint.keep_best``; higher is better) and its hooks (module docstring)."""
 
     name: str
     summary: str
+    metric: str = "retrieval/t2k_r1"
 
     def check(self, cfg: Any) -> None:
         """Raise a ValueError naming the keys when ``cfg`` (a RunConfig) does not fit this task."""

@@ -68,6 +68,7 @@ class QASamples:
     """The worker side of the qa task (:class:`~mico_ds.tasks.base.SampleTask`)."""
 
     max_len: int
+    needs_captions: bool = False  # VQA / video-QA shards carry questions, not captions
 
     def prepare(
         self, item: dict[str, Any], sample: dict[str, Any], epoch: int, seed: int, tokenizer: Any
@@ -108,4 +109,8 @@ class QATask(Task):
         return QASamples(max_len=cfg.data.text_max_len)
 
 
-TASK = QATask("qa", "open-ended QA: generate the answer after the context and the question (appendix B.3)")
+TASK = QATask(
+    "qa",
+    "open-ended QA: generate the answer after the context and the question (appendix B.3)",
+    metric="qa/accuracy",
+)

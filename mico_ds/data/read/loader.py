@@ -147,6 +147,7 @@ class CorpusLoader:
             max_failed_shards=self.data.max_failed_shards,
             caption_fields=tuple(self.corpus.caption_fields),
             task=self.task,
+            require_caption=getattr(self.task, "needs_captions", True),
         )
 
     def _start(self) -> Iterator[WorkerMessage]:
@@ -265,6 +266,7 @@ class EvalLoader:
         batch_size: per-rank batch size.
         max_samples: at most this many samples on this rank (split over its workers).
         caption_fields: the caption fields of the texts (default ``data.val_caption_fields``).
+        require_caption: False keeps samples without a caption (QA or classification splits).
         Others as :class:`CorpusLoader`.
     """
 
@@ -283,8 +285,10 @@ class EvalLoader:
         max_samples: int | None = None,
         name: str = "val",
         caption_fields: Sequence[str] | None = None,
+        require_caption: bool = True,
     ) -> None:
         self.name = name
+        self.require_caption = require_caption
         self.caption_fields = tuple(data.val_caption_fields if caption_fields is None else caption_fields)
         self.modalities = tuple(modalities)
         self.inputs, self.data = inputs, data
@@ -331,6 +335,7 @@ class EvalLoader:
             max_samples=per_worker,
             max_failed_shards=self.data.max_failed_shards,
             caption_fields=self.caption_fields,
+            require_caption=self.require_caption,
         )
         ds = ShardStream(spec)
         it = (

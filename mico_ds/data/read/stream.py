@@ -89,6 +89,7 @@ class StreamSpec:
     max_failed_shards: float = 0.01  # data.max_failed_shards: per stream and epoch, see failed_shard_limit
     caption_fields: tuple[str, ...] = schema.CAPTION_FIELDS  # data.corpora[].caption_fields
     task: Any = None  # a task's SampleTask (mico_ds.tasks.base); None: the captions as they are
+    require_caption: bool = True  # False: a sample without captions is kept (a task reads other labels)
 
 
 def failed_shard_limit(max_failed_shards: float, shards_per_epoch: int) -> float:
@@ -129,7 +130,12 @@ class ShardStream(IterableDataset):
         j = self.logical_stream()
         stream = sp.rank * sp.workers + j
         decoder = SampleDecoder(
-            sp.modalities, sp.inputs, sp.train, limits=sp.limits, caption_fields=sp.caption_fields
+            sp.modalities,
+            sp.inputs,
+            sp.train,
+            require_caption=sp.require_caption,
+            limits=sp.limits,
+            caption_fields=sp.caption_fields,
         )
         tokenizer = resolve_tokenizer(sp.tokenizer)
         stats = SkipStats()  # since the previous message (shipped as increments)
