@@ -25,6 +25,7 @@ import glob
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -73,6 +74,28 @@ def write_latest(ckpt_dir: Path, tag: str) -> None:
         tmp.unlink(missing_ok=True)  # left only by a failed write (a full disk)
 
 
+BEST_FILE = "best.json"  # checkpoint.keep_best: {"tag", "step", "metric", "value"}
+
+
+def read_best(ckpt_dir: Path) -> dict[str, Any] | None:
+    """The best checkpoint's record (``checkpoint.keep_best``), or None."""
+    f = Path(ckpt_dir) / BEST_FILE
+    try:
+        return json.loads(f.read_text()) if f.exists() else None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not JSON ({e}): remove it to forget the best checkpoint") from None
+
+
+def write_best(ckpt_dir: Path, record: dict[str, Any]) -> None:
+    """Name the best checkpoint atomically (temporary file, then rename)."""
+    tmp = Path(ckpt_dir) / f".{BEST_FILE}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, Path(ckpt_dir) / BEST_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def is_tag_dir(p: Path) -> bool:
     """A checkpoint directory: DeepSpeed's model states, or mico_ds' client state, are in it."""
     return p.is_dir() and (bool(glob.glob(str(p / MODEL_STATES))) or (p / CLIENT_DIR).is_dir())
@@ -86,17 +109,20 @@ def list_tags(ckpt_dir: Path) -> list[str]:
     return sorted(p.name for p in ckpt_dir.iterdir() if is_tag_dir(p))
 
 
-def select_to_delete(tags: list[str], latest: str | None, keep_last: int, keep_every: int) -> list[str]:
+def select_to_delete(
+    tags: list[str], latest: str | None, keep_last: int, keep_every: int, protect: Sequence[str] = ()
+) -> list[str]:
     """Regular tags retention removes: all but the newest ``keep_last`` and multiples of ``keep_every``.
 
     ``latest`` is never removed, nor anything newer than it (a save in progress), nor a universal
-    checkpoint (its name is not ``stepNNNNNNNN``).
+    checkpoint (its name is not ``stepNNNNNNNN``), nor a tag of ``protect`` (the best checkpoint).
     """
     if latest is None:
         return []
     done = [t for t in tags if TAG_RE.match(t) and t <= latest]
     keep = set(done[-keep_last:]) if keep_last > 0 else set()
     keep.add(latest)
+    keep |= set(protect)
     if keep_every > 0:
         keep |= {t for t in done if step_of(t) % keep_every == 0}  # type: ignore[operator]
     return [t for t in done if t not in keep]

@@ -55,6 +55,7 @@ from mico_ds.checkpoint.layout import (
     list_tags,
     load_meta,
     locate,
+    read_best,
     read_latest,
     select_to_delete,
     tag_for,
@@ -262,7 +263,9 @@ class CheckpointManager:
             }
             need = sum(p["size"] for p in parts)
             return failure_message(tag, ckpt_dir, [err], need, free_bytes(ckpt_dir), previous)
-        for old in select_to_delete(list_tags(ckpt_dir), tag, self.keep_last, self.keep_every):
+        best = read_best(ckpt_dir)
+        protect = [best["tag"]] if best else []
+        for old in select_to_delete(list_tags(ckpt_dir), tag, self.keep_last, self.keep_every, protect):
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
         return None
 

@@ -48,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--num-single-pair", type=int, default=None, help="samples per single-pair corpus (num_train/2)"
     )
+    p.add_argument(
+        "--num-pair-heldout",
+        type=int,
+        default=d.num_pair_heldout,
+        help="image_text val and test items each, a downstream retrieval split (%(default)s: none)",
+    )
     p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="tokenizer vocabulary (%(default)s)")
     p.add_argument("--workers", type=int, default=None, help="generator processes (default: CPUs, at most 8)")
     p.add_argument("--force", action="store_true", help="regenerate even if a matching corpus exists")
@@ -58,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         samples_per_shard=a.samples_per_shard, image_size=a.image_size, num_frames=a.num_frames,
         audio_seconds=a.audio_seconds, sample_rate=a.sample_rate, with_frames=not a.no_frames,
         single_pair=not a.no_single_pair, num_single_pair=a.num_single_pair, vocab_size=a.vocab_size,
-        progress=not a.quiet, workers=a.workers,
+        num_pair_heldout=a.num_pair_heldout, progress=not a.quiet, workers=a.workers,
     )  # fmt: skip
     t0 = time.perf_counter()
     try:

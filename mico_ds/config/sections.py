@@ -213,6 +213,11 @@ class DemoConfig(Section):
     num_tune: int = _f(
         128, "Held-out tuning samples of the generated demo corpus (omni/tune-*.tar, e.g. the rerank weight)."
     )
+    num_pair_heldout: int = _f(
+        0,
+        "image_text val and test items each (image_text/{val,test}-*.tar): the image-text corpus as a "
+        "downstream retrieval dataset (0: none).",
+    )
 
 
 # ----------------------------------------------------------------------------- model

@@ -13,6 +13,7 @@ Layout under ``out_dir``::
 
     omni/train-000000.tar ...  omni/val-000000.tar ...  omni/tune-000000.tar ...  omni/sizes.json
     image_text/train-*.tar  audio_text/train-*.tar  video_text/train-*.tar   (each with sizes.json)
+    image_text/val-*.tar  image_text/test-*.tar   with num_pair_heldout > 0 (see draw_heldout_pairs)
     tokenizer/tokenizer.model   SentencePiece (Llama-2 settings) trained on the train and val captions
     demo.json                   parameters, counts, shard patterns; written last (= corpus complete)
 
@@ -152,7 +153,33 @@ def draw_codes(params: DemoParams) -> dict[tuple[str, str], np.ndarray]:
             out[corpus, "train"] = sp_rng.integers(0, NUM_COMBINATIONS, size=params.num_single_pair).astype(
                 np.int64
             )
+        if params.num_pair_heldout:
+            taken = {int(c) for cs in out.values() for c in cs}
+            out["image_text", "val"], out["image_text", "test"] = draw_heldout_pairs(params, taken)
     return out
+
+
+def draw_heldout_pairs(params: DemoParams, taken: set[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The image_text corpus as a downstream dataset: ``num_pair_heldout`` val and as many test items,
+    from their own generator (every other split is unchanged by them), avoiding every code of the
+    other splits (the pretraining run never saw these tuples; their captions may repeat training ones, of
+    which there are only 1,536 distinct) and with distinct vision captions across both (retrieval
+    ground truth is one-to-one: only the vision caption is stored)."""
+    n = params.num_pair_heldout
+    rng = np.random.default_rng([params.seed, 1000 + CORPUS_ID["image_text"], SPLIT_ID["test"]])
+    picked: list[int] = []
+    caps: set[str] = set()
+    for c in rng.permutation(NUM_COMBINATIONS).tolist():
+        cap = captions_for(decode_attributes(c))["vision"]
+        if c in taken or cap in caps:
+            continue
+        picked.append(c)
+        caps.add(cap)
+        if len(picked) == 2 * n:
+            break
+    if len(picked) < 2 * n:
+        raise ValueError(f"num_pair_heldout={n}: only {len(picked) // 2} distinct vision captions per split")
+    return np.asarray(picked[:n], np.int64), np.asarray(picked[n:], np.int64)
 
 
 def _write_shard(
@@ -185,6 +212,7 @@ def _clean(out: Path) -> None:
         d = out / corpus
         if d.is_dir():
             for p in [
+                *d.glob("test-*.tar"),
                 *d.glob("train-*.tar"),
                 *d.glob("val-*.tar"),
                 *d.glob("tune-*.tar"),
@@ -210,6 +238,7 @@ def make_demo_corpus(
     single_pair: bool = True,
     num_single_pair: int | None = None,
     vocab_size: int = 512,
+    num_pair_heldout: int = 0,
     progress: bool = True,
     workers: int | None = None,
 ) -> dict[str, Any]:
@@ -227,6 +256,7 @@ def make_demo_corpus(
         single_pair: also write image_text, audio_text and video_text.
         num_single_pair: samples per single-pair corpus (default num_train // 2).
         vocab_size: requested SentencePiece vocabulary size.
+        num_pair_heldout: image_text val and test items each (:func:`draw_heldout_pairs`; 0: none).
         progress: show a tqdm progress bar.
         workers: processes rendering shards in parallel (default: the usable CPUs, at most 8, and
             no more than there are shards); the output is byte-identical for any value.
@@ -240,6 +270,7 @@ def make_demo_corpus(
         samples_per_shard=samples_per_shard, image_size=image_size, num_frames=num_frames,
         audio_seconds=audio_seconds, sample_rate=sample_rate, with_frames=with_frames,
         single_pair=single_pair, num_single_pair=num_single_pair, vocab_size=vocab_size,
+        num_pair_heldout=num_pair_heldout,
     )  # fmt: skip
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -280,11 +311,12 @@ def make_demo_corpus(
     ]
     if len(set(val_caps)) != len(val_caps):
         raise AssertionError("demo val captions are not unique")  # the attribute -> caption map is injective
-    # Not the tune captions: adding that split leaves the tokenizer (and every token id) unchanged.
+    # Not the tune captions nor the held-out pairs': adding those splits leaves the tokenizer (and every
+    # token id) unchanged.
     all_caps = [
         text
         for (corpus, split), cs in codes.items()
-        if split != "tune"
+        if split != "tune" and (corpus, split) not in (("image_text", "val"), ("image_text", "test"))
         for c in cs
         for f, text in captions_for(decode_attributes(int(c))).items()
         if f in CAPTION_FIELDS_OF[corpus]

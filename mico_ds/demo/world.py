@@ -100,7 +100,7 @@ CAPTION_FIELDS_OF: dict[str, tuple[str, ...]] = {
     "video_text": ("vision",),
 }
 CORPUS_ID = {name: i for i, name in enumerate(CORPORA)}
-SPLIT_ID = {"train": 0, "val": 1, "tune": 2}
+SPLIT_ID = {"train": 0, "val": 1, "tune": 2, "test": 3}
 
 
 def decode_attributes(code: int) -> dict[str, Any]:
@@ -307,6 +307,7 @@ class DemoParams:
     single_pair: bool = True
     num_single_pair: int | None = None
     vocab_size: int = 512
+    num_pair_heldout: int = 0  # image_text val and test items each (a downstream dataset's splits)
 
     def __post_init__(self) -> None:
         if self.num_single_pair is None:
@@ -331,6 +332,8 @@ class DemoParams:
             problems.append(f"sample_rate={self.sample_rate} (must be >= {4 * max(PITCHES.values()):.0f} Hz)")
         if self.single_pair and self.num_single_pair is not None and self.num_single_pair < 1:
             problems.append(f"num_single_pair={self.num_single_pair} (must be >= 1)")
+        if self.num_pair_heldout < 0 or (self.num_pair_heldout and not self.single_pair):
+            problems.append(f"num_pair_heldout={self.num_pair_heldout} (must be >= 0; needs single_pair)")
         if problems:
             raise ValueError("invalid demo corpus parameters: " + ", ".join(problems))
 

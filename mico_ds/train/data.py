@@ -18,6 +18,7 @@ def prepare_data(cfg: RunConfig) -> Tokenizer:
             num_train=cfg.demo.num_train,
             num_val=cfg.demo.num_val,
             num_tune=cfg.demo.num_tune,
+            num_pair_heldout=cfg.demo.num_pair_heldout,
             progress=mdist.is_main_process(),
         )
     return run_tokenizer(cfg.data, cfg.demo)

@@ -25,8 +25,8 @@ from mico_ds.data.read.mixture import build_train_loader
 from mico_ds.distributed.ds_config import zero_stage
 from mico_ds.distributed.engine import build_engine, init_distributed
 from mico_ds.distributed.launch import exit_now
+from mico_ds.train import best, failfast, guard, health
 from mico_ds.train import data as tdata
-from mico_ds.train import failfast, guard, health
 from mico_ds.train.metrics import KeyLog, MetricsWriter, Throughput, train_flops_per_sample
 from mico_ds.train.signals import PREEMPTED_EXIT_CODE, StopFlag, shield_children
 
@@ -235,7 +235,7 @@ class Trainer:
                 self.history.append(rec)
                 self.writer.write(rec)
             if self.should_eval():
-                self.evaluate()
+                best.keep_if_best(self, self.evaluate())
             if mdist.any_rank(self.stop.local(), device=self.device):
                 # Every rank agreed at this step boundary: save and ask the launcher to requeue.
                 reason = self.stop.reason or "another rank"
@@ -252,8 +252,10 @@ class Trainer:
         done = self.checkpoints.latest() == tag_for(self.step)
         path = self.checkpoints.ckpt_dir if done else self.save()
         final = self.evaluate()
+        best.keep_if_best(self, final)
+        test = best.evaluate_test(self)
         self.watch.stop()
-        self.write_summary(final, path)
+        self.write_summary(final, path, test)
         return 0
 
     def skip_counts(self) -> dict[str, int]:
@@ -344,7 +346,7 @@ class Trainer:
         self.phase = ""
         return path
 
-    def write_summary(self, final_eval: dict[str, float], ckpt_path: Path) -> None:
+    def write_summary(self, final_eval: dict[str, float], ckpt_path: Path, test: dict[str, Any]) -> None:
         if self.rank != 0:
             return
         train_recs = [r for r in self.history if "loss" in r]
@@ -364,6 +366,7 @@ class Trainer:
             "last": {k: avg(tail, k) for k in terms},
             "samples_per_s": avg(train_recs[1:], "samples_per_s"),
             "eval": final_eval,
+            "test": test,
             "checkpoint": str(ckpt_path),
             "run_dir": str(self.run_dir),
         }
@@ -400,6 +403,12 @@ def format_summary(s: dict[str, Any]) -> str:
 
         lines.append("held-out evaluation (MiCo appendix B.3 protocol):")
         lines.append(format_results(ev))
+    test = s.get("test")
+    if test:
+        from mico_ds.eval.runner import format_results
+
+        lines.append(f"test split (data.test_shards), checkpoint {test['checkpoint']} (step {test['step']}):")
+        lines.append(format_results(test))
     lines.append(f"checkpoint: {s['checkpoint']}")
     lines.append(f"run dir: {s['run_dir']}  (metrics.jsonl, summary.json, tb/)")
     return "\n".join(lines)
