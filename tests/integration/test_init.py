@@ -5,6 +5,10 @@ a consolidated state dict and the exported branches; tools/to_universal.py: a un
 a new run started with ``--init`` from the run directory, the universal tag and the consolidated
 file sees the same first-step loss (the same fp32 weights, a fresh optimizer and data order), lower
 than the same first batch gives from random weights.
+
+A retrieval fine-tune from that run (``task.name=retrieval``) keeps its best checkpoint by the val
+R@1 (``checkpoint.keep_best``), evaluates the test split with those weights into ``summary.json``,
+and, preempted with SIGUSR1 and resumed, reproduces the uninterrupted fine-tune's losses bitwise.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.train import REPO, data_overrides, env, run_train, train_records
+from tests.helpers.train import REPO, data_overrides, env, run_train, train_cmd, train_records
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 STEPS = 2
@@ -97,3 +102,73 @@ def test_init_from_exports_lists_what_the_model_adds(base: Path, data_root: Path
     # the context embeddings and the heads have no slot in timm's or Hugging Face's formats
     assert report["added"] and all(not n.startswith(("encoder.", "text.")) for n in report["added"])
     assert any(n.startswith("context.") for n in report["added"]), report["added"]
+
+
+FT_STEPS = 4
+
+
+def finetune_args(base: Path, data_root: Path) -> list[str]:
+    return [
+        *data_overrides(data_root), "--init", str(base), "--task.name=retrieval",
+        "--objectives.generation_weight=0",
+        f"--train.max_steps={FT_STEPS}", "--train.eval_every=1", "--train.save_every=100",
+        "--train.deterministic=true", "--checkpoint.keep_best=true", "--checkpoint.keep_last=1",
+        "--data.test_shards=omni/tune-*.tar", "--eval.rerank_k=0",
+    ]  # fmt: skip
+
+
+def test_finetune_keeps_best_tests_it_and_resumes_bitwise(base: Path, data_root: Path, tmp_path: Path):
+    args = finetune_args(base, data_root)
+    full = tmp_path / "full"
+    run_train(full, *args)
+    vals = [
+        r
+        for r in map(json.loads, (full / "metrics.jsonl").read_text().splitlines())
+        if "retrieval/t2k_r1" in r
+    ]
+    assert [r["step"] for r in vals] == [1, 2, 3, 4, 4]  # every step, and the final evaluation
+    best = json.loads((full / "checkpoints" / "best.json").read_text())
+    top = max(r["retrieval/t2k_r1"] for r in vals)
+    assert best["metric"] == "retrieval/t2k_r1" and best["value"] == top
+    assert best["step"] == next(r["step"] for r in vals if r["retrieval/t2k_r1"] == top)  # the first best
+    # kept by retention (keep_last=1 keeps only the final step besides it)
+    assert (full / "checkpoints" / best["tag"]).is_dir()
+    test = json.loads((full / "summary.json").read_text())["test"]
+    assert test["checkpoint"] == best["tag"] and test["step"] == best["step"]
+    # the same figures as the evaluation CLI gives for that checkpoint on the test split
+    out = tmp_path / "test.json"
+    p = subprocess.run(
+        [sys.executable, "-m", "mico_ds.eval", "--checkpoint", str(full), "--tag", best["tag"], "--data",
+         "omni/tune-*.tar", "--tasks", "retrieval", "--no-progress", "--out", str(out)],
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-4000:]
+    cli = json.loads(out.read_text())
+    for k in ("retrieval/t2k_r1", "retrieval/k2t_r1", "retrieval/t2k_r5", "retrieval/n"):
+        assert test[k] == pytest.approx(cli[k]), (k, test[k], cli[k])
+
+    # preempted by SIGUSR1 after its first step, then resumed: the same losses, bit for bit
+    run = tmp_path / "preempted"
+    proc = subprocess.Popen(train_cmd(run, *args), cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    metrics, deadline = run / "metrics.jsonl", time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and any('"loss"' in line for line in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.2)
+    subprocess.run(
+        ["pkill", "-USR1", "-f", "--", f"-u -m mico_ds.train --recipe debug --run-dir {run}"], check=False
+    )
+    out_text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 99, out_text[-4000:]
+    stopped_at = int((run / "checkpoints" / "latest").read_text().strip()[4:])
+    assert 1 <= stopped_at < FT_STEPS, "the signal should stop the fine-tune before its end"
+    run_train(run, *args, "--resume", "latest")
+    want = {r["step"]: r for r in train_records(full)}
+    got = {r["step"]: r for r in train_records(run)}
+    assert sorted(got) == list(range(1, FT_STEPS + 1))
+    for s in got:
+        for k in ("loss", "contrastive_loss", "matching_loss"):
+            assert got[s][k] == want[s][k], (s, k, got[s][k], want[s][k])
+    assert json.loads((run / "checkpoints" / "best.json").read_text()) == {**best}
+    assert json.loads((run / "summary.json").read_text())["test"] == test
