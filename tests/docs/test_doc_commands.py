@@ -117,6 +117,10 @@ RULES: list[Rule] = [
          "covered", "tests/unit/test_mico_release.py::test_init_from_loads_the_release_state_dict"),
     Rule(r"python -m mico_ds\.train --recipe demo_qa --init runs/demo --run-dir runs/demo_qa", H,  # minutes
          "python -m mico_ds.train --recipe demo_qa --print-config", expect=("qa_baseline_shards",)),
+    # the B.3 fine-tuning recipes (docs/finetune_recipes.md): hours on an 8-GPU node, so their config resolves
+    Rule(r"deepspeed --num_gpus 8 --module mico_ds\.train --recipe (ft_\w+) "
+         r"--init /shared/runs/vitg_llama2_7b --run-dir runs/\1", H,
+         "python -m mico_ds.train --recipe {1} --print-config", expect=("keep_best: true",)),
     # --- planner
     Rule(r"python tools/plan\.py .*--validate", "covered",
          "tests/unit/test_plan.py::test_predicted_peak_matches_a_real_zero3_cpu_run"),
