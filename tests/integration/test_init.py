@@ -126,7 +126,7 @@ def test_finetune_keeps_best_tests_it_and_resumes_bitwise(base: Path, data_root:
         for r in map(json.loads, (full / "metrics.jsonl").read_text().splitlines())
         if "retrieval/t2k_r1" in r
     ]
-    assert [r["step"] for r in vals] == [1, 2, 3, 4, 4]  # every step, and the final evaluation
+    assert [r["step"] for r in vals] == [1, 2, 3, 4]  # every step (the last one: the final evaluation)
     best = json.loads((full / "checkpoints" / "best.json").read_text())
     top = max(r["retrieval/t2k_r1"] for r in vals)
     assert best["metric"] == "retrieval/t2k_r1" and best["value"] == top
@@ -171,4 +171,5 @@ def test_finetune_keeps_best_tests_it_and_resumes_bitwise(base: Path, data_root:
         for k in ("loss", "contrastive_loss", "matching_loss"):
             assert got[s][k] == want[s][k], (s, k, got[s][k], want[s][k])
     assert json.loads((run / "checkpoints" / "best.json").read_text()) == {**best}
-    assert json.loads((run / "summary.json").read_text())["test"] == test
+    figures = lambda d: {k: v for k, v in d.items() if not k.endswith("seconds")}  # noqa: E731
+    assert figures(json.loads((run / "summary.json").read_text())["test"]) == figures(test)
