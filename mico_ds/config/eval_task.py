@@ -6,7 +6,8 @@ import typing
 from dataclasses import dataclass
 from typing import Literal
 
-from mico_ds.config.base import Section, _f
+from mico_ds.config.base import Section, _f, _section
+from mico_ds.config.scst_section import ScstConfig
 
 
 @dataclass
@@ -110,9 +111,13 @@ class TaskConfig(Section):
         "pretrain",
         "A file of mico_ds/tasks/: pretrain (MiCo's objectives on captions), retrieval, captioning, qa.",
     )
+    scst: ScstConfig = _section(
+        ScstConfig, "task.name=captioning: self-critical sequence training (docs/captioning.md, SCST)."
+    )
 
     def __post_init__(self) -> None:
         from mico_ds.tasks import names  # module names only: no task is imported here
 
         if self.name not in names():
             raise ValueError(f"task.name: unknown task {self.name!r}; known: {names()}")
+        self.scst.check_task(self.name)

@@ -291,6 +291,65 @@ def generate(
     )
 
 
+@dataclass
+class Rollout:
+    """Captions decoded for a fixed number of steps T (SCST, ``mico_ds.objectives.scst``).
+
+    ``tokens`` (B, 1 + K, T): per item, row 0 the greedy caption and rows 1..K sampled ones, ``pad_id``
+    after the first EOS; ``lengths`` (B, 1 + K): tokens up to and including that EOS (T when none).
+    """
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+
+
+@torch.no_grad()
+def sample_fixed(
+    model: Any,
+    prefix: torch.Tensor,
+    special: Any,
+    num_samples: int,
+    max_tokens: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Rollout:
+    """Greedy and sampled captions after ``prefix`` (B, P, H), with the <mask> convention of
+    :class:`MaskDecoder`, in exactly ``max_tokens`` decoder calls whatever the captions' lengths.
+
+    No early stop: inside a training forward under ZeRO-3 every rank must run the same forward passes,
+    and a stop decided from this rank's captions would differ between ranks. Sampled tokens are drawn
+    from softmax(logits / temperature) by the inverse CDF of one uniform per row and step from
+    ``generator`` (on the prefix's device), so the same generator seed gives the same captions.
+    """
+    if num_samples < 1 or max_tokens < 1 or not temperature > 0:
+        raise ValueError(f"need num_samples, max_tokens >= 1 and temperature > 0, got "
+                         f"{num_samples}, {max_tokens}, {temperature}")  # fmt: skip
+    b, k, device = prefix.shape[0], 1 + num_samples, prefix.device
+    ids, mask = left_pad([[special.bos_id]] * b, special.pad_id, device)
+    dec = MaskDecoder(model, prefix, ids, mask, k, special.mask_id, use_cache)
+    n = b * k
+    greedy = torch.arange(n, device=device) % k == 0  # row 0 of each item
+    keep = torch.arange(n, device=device)  # no reordering: every row keeps its own hypothesis
+    tokens = torch.full((n, max_tokens), special.pad_id, dtype=torch.long, device=device)
+    lengths = torch.full((n,), max_tokens, dtype=torch.long, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    where = generator.device if generator is not None else device
+    logp = dec.start()  # (N, V), log-softmax at temperature 1
+    for t in range(max_tokens):
+        cdf = torch.softmax(logp / temperature, dim=-1).cumsum(dim=-1)
+        u = torch.rand(n, generator=generator, device=where).to(device)
+        drawn = (cdf < u.unsqueeze(1) * cdf[:, -1:]).sum(dim=1).clamp(max=logp.shape[1] - 1)
+        tok = torch.where(greedy, logp.argmax(dim=-1), drawn)
+        tokens[:, t] = torch.where(done, special.pad_id, tok)
+        ended = ~done & (tok == special.eos_id)
+        lengths = torch.where(ended, t + 1, lengths)
+        done |= ended
+        if t + 1 < max_tokens:
+            logp = dec.step(tok, keep)  # what a finished row feeds is never read
+    return Rollout(tokens.view(b, k, max_tokens), lengths.view(b, k))
+
+
 # ----------------------------------------------------------------------------- scoring
 
 # Tokens pycocoevalcap's PTBTokenizer removes after tokenizing (its PUNCTUATIONS list).
@@ -361,8 +420,11 @@ def evaluate_captioning(
 ) -> dict[str, Any]:
     """Caption every valid item of ``batches`` (the same count on every rank) and score the corpus.
 
-    References are the batch's ``eval_texts`` (all captions of an item, as the text context joins
-    them) or its ``captions``. Every rank computes the same scores from the gathered captions.
+    Each caption is scored against every reference of its item: the batch's ``eval_texts`` (all
+    captions of the item's list fields, e.g. COCO's five, MSR-VTT's twenty, Clotho's five), else its
+    ``captions``; CIDEr-D's document frequencies are those of the whole gathered reference set, as
+    pycocoevalcap computes them. Every rank computes the same scores from the gathered captions.
+    ``refs_per_item`` (logged) is the mean number of references an item was scored against.
     """
     from tqdm import tqdm
 
@@ -383,6 +445,7 @@ def evaluate_captioning(
     scores = caption_scores(cands, refs)
     out: dict[str, Any] = {f"{prefix}{k}": v for k, v in scores.items()}
     out[f"{prefix}n"] = float(len(cands))
+    out[f"{prefix}refs_per_item"] = sum(len(r) for r in refs) / len(refs)
     out[f"{prefix}mean_words"] = sum(len(coco_tokenize(c).split()) for c in cands) / len(cands)
     out[f"{prefix}examples"] = [{"generated": c, "reference": r[0]} for c, r in zip(cands, refs)][:examples]
     return out

@@ -58,6 +58,7 @@ from mico_ds.objectives.matching import (
     matching_metrics,
     mine_hard_negatives,
 )
+from mico_ds.objectives.scst import ScstObjective
 from mico_ds.objectives.seeding import RandomStream, step_generator
 
 LOSS_KEYS = ("contrastive_loss", "matching_loss", "generation_loss")
@@ -102,12 +103,16 @@ class MiCoModel(nn.Module):
         objectives: ObjectiveConfig,
         special: SpecialTokens,
         seed: int = 0,
+        scst: ScstObjective | None = None,
     ) -> None:
         super().__init__()
         self.objective_cfg = objectives
         self.weights = objectives.weights()
         self.special = special
         self.seed = seed
+        self.scst = scst  # task.scst (objectives.scst); None unless enabled
+        if scst is not None and scst.cfg.replace_generation:
+            self.weights["generation_loss"] = 0.0  # SCST replaces the cross-entropy (Rennie et al.)
         self.prefix_tokens = model.context.prefix_tokens
         self.objective_impl = model.kernels
         self.encoder = OmniEncoder(model.vision, inputs, model.context.tokens_per_frame)
@@ -126,7 +131,8 @@ class MiCoModel(nn.Module):
     @classmethod
     def from_run_config(cls, cfg: RunConfig, special: SpecialTokens) -> MiCoModel:
         """The model of a run: its model, input and objective sections and its seed."""
-        return cls(cfg.model, cfg.inputs, cfg.objectives, special, seed=cfg.train.seed)
+        scst = ScstObjective.from_run_config(cfg)
+        return cls(cfg.model, cfg.inputs, cfg.objectives, special, seed=cfg.train.seed, scst=scst)
 
     def generator(
         self, stream: RandomStream, step: int, micro: int, device: torch.device | str
@@ -268,6 +274,7 @@ class MiCoModel(nn.Module):
                 retrieval_acc_k2t / retrieval_acc_t2k (in-batch top-1, local rows vs global columns),
                 matching_pos_acc / matching_neg_acc / matching_balanced_acc / matching_top1
                 (objectives.matching: matching_metrics), masked_tokens (global count).
+            With task.scst, ``scst_loss`` (objectives.scst) and the report's scst_reward / scst_baseline.
         """
         self._check_batch(batch)
         w = self.weights
@@ -324,7 +331,13 @@ class MiCoModel(nn.Module):
                 losses["generation_loss"], report["masked_tokens"] = self.generation_term(
                     rows.take(GENERATION_ROWS, h_text), gen_ids, is_masked
                 )
+        if self.scst is not None:  # SCST: sampled vs greedy captions, CIDEr-D rewards (objectives.scst)
+            prefix = self.prefix_proj(self._select_prefix(fused))  # (B, P, H)
+            losses["scst_loss"], figures = self.scst(self, batch, prefix, step, micro)
+            report.update(figures)
         total = sum(w[k] * losses[k] for k in LOSS_KEYS if k in losses)
+        if self.scst is not None:
+            total = total + self.scst.weight * losses["scst_loss"]
         for k in LOSS_KEYS:
             losses.setdefault(k, torch.zeros((), device=z.device))
         losses["loss"] = total  # type: ignore[assignment]

@@ -115,12 +115,20 @@ RULES: list[Rule] = [
     Rule(r"deepspeed --num_gpus G --module mico_ds\.train --recipe NAME --run-dir runs/ft "
          r"--init mico/model_step_NNNN\.pt --model\.vision\.pretrained=null",
          "covered", "tests/unit/test_mico_release.py::test_init_from_loads_the_release_state_dict"),
+    Rule(r"deepspeed --num_gpus G --module mico_ds\.train --recipe NAME --init PATH --run-dir DIR "
+         r"--task\.name=classification .*", "covered",  # its overrides, loaded and checked on debug
+         "tests/unit/tasks/test_classification.py::test_the_documented_overrides_load"),
     Rule(r"python -m mico_ds\.train --recipe demo_qa --init runs/demo --run-dir runs/demo_qa", H,  # minutes
          "python -m mico_ds.train --recipe demo_qa --print-config", expect=("qa_baseline_shards",)),
     # the B.3 fine-tuning recipes (docs/finetune_recipes.md): hours on an 8-GPU node, so their config resolves
     Rule(r"deepspeed --num_gpus 8 --module mico_ds\.train --recipe (ft_\w+) "
          r"--init /shared/runs/vitg_llama2_7b --run-dir runs/\1", H,
          "python -m mico_ds.train --recipe {1} --print-config", expect=("keep_best: true",)),
+    # captioning, B.3's two COCO stages (docs/captioning.md): hours on a GPU node, so their config resolves
+    Rule(r"deepspeed --num_gpus G --module mico_ds\.train --recipe NAME --init (PATH|DIR) "
+         r"--run-dir (DIR|DIR_scst)( --task\.scst\.enabled=true|)", H,
+         "python -m mico_ds.train --recipe debug --task.name=captioning --objectives.contrastive_weight=0 "
+         "--objectives.matching_weight=0 '--eval.tasks=[captioning]'{3} --print-config", expect=("scst:",)),
     # --- planner
     Rule(r"python tools/plan\.py .*--validate", "covered",
          "tests/unit/test_plan.py::test_predicted_peak_matches_a_real_zero3_cpu_run"),
