@@ -8,6 +8,7 @@ from typing import Literal
 
 from mico_ds.config.base import Section, _f, _section
 from mico_ds.config.scst_section import ScstConfig
+from mico_ds.config.task_sections import ClassificationConfig
 
 
 @dataclass
@@ -41,7 +42,7 @@ class CheckpointConfig(Section):
     )
 
 
-EvalTask = Literal["retrieval", "captioning", "qa", "grounding"]
+EvalTask = Literal["retrieval", "captioning", "qa", "grounding", "classification"]
 EVAL_TASKS: tuple[str, ...] = typing.get_args(EvalTask)
 
 
@@ -109,7 +110,11 @@ class TaskConfig(Section):
 
     name: str = _f(
         "pretrain",
-        "A file of mico_ds/tasks/: pretrain (MiCo's objectives on captions), retrieval, captioning, qa.",
+        "A file of mico_ds/tasks/: pretrain (MiCo's objectives on captions), retrieval, captioning, qa, "
+        "classification.",
+    )
+    classification: ClassificationConfig = _section(
+        ClassificationConfig, "task.name=classification: the head, the augmentation, the evaluation."
     )
     scst: ScstConfig = _section(
         ScstConfig, "task.name=captioning: self-critical sequence training (docs/captioning.md, SCST)."

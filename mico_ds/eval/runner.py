@@ -38,8 +38,10 @@ def load_batches(
     items_per_rank: int,
     modalities: Sequence[str] | None = None,
     shards: str | None = None,
+    require_caption: bool = True,
 ) -> list[dict[str, Any]]:
-    """This rank's first ``items_per_rank`` held-out items, as batches with ``valid`` (all True)."""
+    """This rank's first ``items_per_rank`` held-out items, as batches with ``valid`` (all True);
+    ``require_caption`` False keeps items without a caption (classification splits)."""
     from mico_ds.data.read.loader import EvalLoader
 
     shards = shards or cfg.data.val_shards
@@ -52,6 +54,7 @@ def load_batches(
         cfg.data,
         batch_size=cfg.eval.batch_size,
         max_samples=items_per_rank,
+        require_caption=require_caption,
     )
     out = []
     for b in loader:
@@ -172,6 +175,7 @@ def run_evaluation(
     (``captioning/examples``, ``qa/examples``) hold a few generated outputs.
     """
     from mico_ds.eval.captioning import DecodeOptions, evaluate_captioning
+    from mico_ds.eval.classification import evaluate_classification, split_labels
     from mico_ds.eval.grounding import evaluate_grounding
     from mico_ds.eval.qa import evaluate_qa
     from mico_ds.eval.retrieval import evaluate_retrieval
@@ -188,9 +192,13 @@ def run_evaluation(
         "captioning": e.caption_samples,
         "qa": e.qa_samples,
         "grounding": e.max_samples,
+        "classification": cfg.task.classification.eval_samples,
     }
     t0 = time.perf_counter()
-    batches = load_batches(cfg, device, bf16, per_rank(max(sizes[t] for t in tasks)), modalities, shards)
+    items = per_rank(max(sizes[t] for t in tasks))
+    # Classification items carry labels, not captions; the other tasks load as they always have.
+    uncaptioned = {"require_caption": False} if "classification" in tasks else {}
+    batches = load_batches(cfg, device, bf16, items, modalities, shards, **uncaptioned)
     out: dict[str, Any] = {"eval/load_seconds": time.perf_counter() - t0}
     was_training = getattr(model, "training", False)
     model.eval()
@@ -220,6 +228,8 @@ def run_evaluation(
                 res = evaluate_captioning(model, part, tokenizer, opts, progress=progress)
             elif task == "grounding":
                 res = evaluate_grounding(model, part, cfg.objectives.mask_ratio, seed=cfg.train.seed)
+            elif task == "classification":
+                res = evaluate_classification(model, part, split_labels(cfg, shards), progress=progress)
             else:
                 opts = DecodeOptions(
                     num_beams=e.num_beams,
@@ -290,6 +300,12 @@ def format_results(res: dict[str, Any]) -> str:
             f"{res['grounding/gen_loss_own']:.3f}, with another item's {res['grounding/gen_loss_other']:.3f} "
             f"(gain {res['grounding/gen_gain']:.3f} nats)  matching prefers the own context for "
             f"{100 * res['grounding/match_pairwise_acc']:.1f}% (chance 50%)"
+        )
+    if "classification/top1" in res:
+        lines.append(
+            f"classification: {int(res['classification/n'])} items  top-1 {res['classification/top1']:.2f}%  "
+            f"top-5 {res['classification/top5']:.2f}%  (chance top-1 "
+            f"{100 / max(res['classification/num_classes'], 1):.2f}%)"
         )
     if "qa/accuracy" in res:
         per = "  ".join(

@@ -11,6 +11,7 @@ submodules, named so the trainer can build parameter groups by prefix:
     match_head   MatchHead: LLM hidden state -> matching logit
     prefix_proj  PrefixProjector: fused context tokens -> LLM prefix embeddings
     logit_scale  LogitScale: learnable inverse temperature (log-parameterized)
+    cls_head     ClassificationHead: z -> class logits (task.name=classification only)
 
 ZeRO-3 rules this file keeps: parameters are only read inside the ``forward`` of the module that owns
 them (ZeRO-3 gathers a module's parameters in its forward pre-hook), the root owns no parameter of
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mico_ds.config import InputConfig, ModelConfig, ObjectiveConfig, RunConfig
+from mico_ds.config.task_sections import ClassificationConfig
 from mico_ds.data.schema import (
     GEN_TARGETS,
     MODALITIES,
@@ -46,7 +48,9 @@ from mico_ds.models.context import MultimodalContext
 from mico_ds.models.decoder_rows import DecoderRows
 from mico_ds.models.heads import LogitScale, MatchHead, PrefixProjector, ProjectionHead, SamplingEmbedding
 from mico_ds.models.omni_encoder import OmniEncoder
+from mico_ds.models.task_heads import ClassificationHead
 from mico_ds.models.text_branch import TextBranch, last_valid_index
+from mico_ds.objectives.classification import classification_forward
 from mico_ds.objectives.contrastive import contrastive_loss, in_batch_top1
 from mico_ds.objectives.generation import generation_loss, mask_caption_tokens, target_rows
 from mico_ds.objectives.matching import (
@@ -103,11 +107,14 @@ class MiCoModel(nn.Module):
         objectives: ObjectiveConfig,
         special: SpecialTokens,
         seed: int = 0,
+        classification: ClassificationConfig | None = None,
         scst: ScstObjective | None = None,
     ) -> None:
         super().__init__()
         self.objective_cfg = objectives
-        self.weights = objectives.weights()
+        # task.name=classification trains its head alone (its check() wants the weights at 0)
+        self.classification = classification
+        self.weights = objectives.weights() if classification is None else dict.fromkeys(LOSS_KEYS, 0.0)
         self.special = special
         self.seed = seed
         self.scst = scst  # task.scst (objectives.scst); None unless enabled
@@ -127,12 +134,23 @@ class MiCoModel(nn.Module):
         self.match_head = MatchHead(h)
         self.prefix_proj = PrefixProjector(model.vision.width, h)
         self.logit_scale = LogitScale(objectives.init_temperature, objectives.max_logit_scale)
+        if classification is not None:
+            self.cls_head = ClassificationHead(model.vision.width, classification.num_classes)
 
     @classmethod
     def from_run_config(cls, cfg: RunConfig, special: SpecialTokens) -> MiCoModel:
         """The model of a run: its model, input and objective sections and its seed."""
+        head = cfg.task.classification if cfg.task.name == "classification" else None
         scst = ScstObjective.from_run_config(cfg)
-        return cls(cfg.model, cfg.inputs, cfg.objectives, special, seed=cfg.train.seed, scst=scst)
+        return cls(
+            cfg.model,
+            cfg.inputs,
+            cfg.objectives,
+            special,
+            seed=cfg.train.seed,
+            classification=head,
+            scst=scst,
+        )
 
     def generator(
         self, stream: RandomStream, step: int, micro: int, device: torch.device | str
@@ -276,6 +294,8 @@ class MiCoModel(nn.Module):
                 (objectives.matching: matching_metrics), masked_tokens (global count).
             With task.scst, ``scst_loss`` (objectives.scst) and the report's scst_reward / scst_baseline.
         """
+        if self.classification is not None:  # the linear head on z; the text branch does not run
+            return classification_forward(self, batch, step, micro)
         self._check_batch(batch)
         w = self.weights
         ids, mask = batch[TEXT_IDS], batch[TEXT_MASK]
