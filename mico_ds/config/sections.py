@@ -337,11 +337,13 @@ class ObjectiveConfig(Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.weights()
+        w = self.weights(allow_none=True)
+        if any(v < 0 for v in w.values()):
+            raise ValueError(f"objectives weights must be >= 0, got {w}")
         if self.matching_negatives < 1:
             raise ValueError(f"objectives.matching_negatives must be >= 1, got {self.matching_negatives}")
 
-    def weights(self) -> dict[str, float]:
+    def weights(self, allow_none: bool = False) -> dict[str, float]:
         """``{"contrastive_loss": w, "matching_loss": w, "generation_loss": w}``, checked.
 
         Raises:
@@ -352,7 +354,7 @@ class ObjectiveConfig(Section):
             "matching_loss": self.matching_weight,
             "generation_loss": self.generation_weight,
         }
-        if any(v < 0 for v in w.values()) or not any(v > 0 for v in w.values()):
+        if any(v < 0 for v in w.values()) or not (allow_none or any(v > 0 for v in w.values())):
             raise ValueError(f"objectives weights must be >= 0 with at least one > 0, got {w}")
         return w
 
@@ -462,6 +464,9 @@ class RunConfig(Section):
                 f"eval.rerank_tune_shards={tune!r} is data.val_shards: the rerank weight must be chosen "
                 "on another split than the reported one"
             )
+        # classification trains its own head's loss; every other task trains MiCo's objectives
+        if self.task.name != "classification":
+            self.objectives.weights()
 
 
 def to_dict(cfg: Any) -> Any:

@@ -87,10 +87,7 @@ def stream(urls: list[str], modalities: tuple[str, ...], task: ClassificationSam
 
 
 def cls_config(**task: object):
-    """The tiny model's RunConfig for task.name=classification (3 classes, no other objective).
-
-    The weights are set after construction: ObjectiveConfig refuses all three at 0 when it is built
-    (see test_the_documented_overrides_load)."""
+    """The tiny model's RunConfig for task.name=classification (3 classes, no other objective)."""
     cfg = make_tiny_config()
     for k in ("contrastive_weight", "matching_weight", "generation_weight"):
         setattr(cfg.objectives, k, 0.0)
@@ -192,11 +189,6 @@ def test_config_section_keys_help_and_errors() -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ObjectiveConfig (mico_ds/config/sections.py) refuses all three objective weights at 0, which "
-    "task.name=classification needs; XPASS: remove this marker (and the workaround of cls_config)",
-)
 def test_the_documented_overrides_load() -> None:
     """The overrides of docs/classification.md's training command load and pass the task's check."""
     (cmd,) = [c for c in commands([REPO / "docs/classification.md"]) if "mico_ds.train" in c.text]

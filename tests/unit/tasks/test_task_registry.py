@@ -35,3 +35,15 @@ def test_retrieval_and_captioning_check_their_objectives() -> None:
         tasks.get("captioning").check(
             load_config("debug", ["task.name=captioning", "eval.tasks=[captioning]"])
         )
+
+
+def test_only_classification_trains_without_mico_objectives() -> None:
+    zero = [
+        "objectives.contrastive_weight=0",
+        "objectives.matching_weight=0",
+        "objectives.generation_weight=0",
+    ]
+    with pytest.raises(ValueError, match="at least one > 0"):
+        load_config("debug", zero)
+    cfg = load_config("debug", [*zero, "task.name=classification", "eval.tasks=[classification]"])
+    assert cfg.objectives.weights(allow_none=True) == dict.fromkeys(cfg.objectives.weights(True), 0.0)
