@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mico_ds.checkpoint import read_latest, select_to_delete, tag_for, write_latest
+from mico_ds.checkpoint.layout import read_best, write_best
 from mico_ds.config import load_config
 from mico_ds.optim import lr_lambda, param_groups
 
@@ -77,6 +78,19 @@ def test_retention_keeps_last_k_and_every_mth():
     # a save in progress (newer than latest) is never touched, and latest is always kept
     assert tag_for(700) not in select_to_delete(tags + [tag_for(700)], tag_for(600), 1, 0)
     assert select_to_delete(tags, None, 1, 0) == []
+    # checkpoint.keep_best: the tag best.json names is kept too
+    assert select_to_delete(tags, tag_for(600), 1, 0, protect=[tag_for(200)]) == [
+        tag_for(s) for s in (100, 300, 400, 500)
+    ]
+
+
+def test_best_record_round_trips_and_names_a_bad_file(tmp_path):
+    assert read_best(tmp_path) is None
+    write_best(tmp_path, {"tag": "step00000002", "step": 2, "metric": "retrieval/t2k_r1", "value": 12.5})
+    assert read_best(tmp_path)["tag"] == "step00000002"
+    (tmp_path / "best.json").write_text("{not json")
+    with pytest.raises(ValueError, match="best.json is not JSON"):
+        read_best(tmp_path)
 
 
 def test_latest_is_replaced_atomically(tmp_path):
