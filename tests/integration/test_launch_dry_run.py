@@ -26,8 +26,13 @@ SLURM_SCRIPT = ROOT / "launch" / "slurm_pretrain.sh"
 LOCAL_SCRIPT = ROOT / "launch" / "pretrain_local.sh"
 DOCS = ROOT / "docs" / "operations.md"
 
-# Every recipe is dry-run at 64 ranks (the 64-GPU recipe joins this list by being a recipe).
-RECIPES = list_recipes()
+# Every recipe is dry-run at 64 ranks (the 64-GPU recipe joins this list by being a recipe), but for the
+# B.3 fine-tunes (ft_*, tests/unit/test_finetune_recipes.py): they share the model, the DeepSpeed config and
+# the batch factors, so one per task is dry-run, and every one gets, in-process, the only part of the dry run
+# that depends on the recipe (test_every_fine_tune_resolves_as_its_dry_run_one).
+FT_DRY_RUN = {"retrieval": "ft_msrvtt_ret", "captioning": "ft_msrvtt_cap", "qa": "ft_vqav2_qa"}
+FT_RECIPES = [r for r in list_recipes() if r.startswith("ft_")]
+RECIPES = [r for r in list_recipes() if r not in FT_RECIPES] + sorted(FT_DRY_RUN.values())
 
 _spec = importlib.util.spec_from_file_location("launch_hostfile", ROOT / "launch" / "hostfile.py")
 hostfile = importlib.util.module_from_spec(_spec)
@@ -177,6 +182,28 @@ def test_slurm_dry_run_8x8(recipe: str, tmp_path: Path) -> None:
     assert ds["gradient_accumulation_steps"] == accum
     assert ds["train_batch_size"] == micro * accum * 64
     assert not run_dir.exists(), "a dry run must not write anything"
+
+
+def test_every_fine_tune_resolves_as_its_dry_run_one() -> None:
+    """What a dry run takes from its recipe is the DeepSpeed JSON (launch/hostfile.py ds-config, the
+    trainer's resolve_ds_config); the hostfile and per-node lines depend only on the recipe's name. Each
+    ft_* recipe's JSON at 64 ranks: its own batch factors, the rest that of its task's dry-run recipe."""
+    batch = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+    def rest(ds: dict) -> dict:
+        return {k: v for k, v in ds.items() if k not in batch}
+
+    assert set(FT_DRY_RUN.values()) <= set(FT_RECIPES)
+    sampled = {task: hostfile.resolved_ds_config(r, 64, []) for task, r in FT_DRY_RUN.items()}
+    for recipe in FT_RECIPES:
+        cfg = load_config(recipe, [])  # as micro_and_accum(recipe, 64), loading the recipe once
+        task, accum = cfg.task.name, cfg.optim.grad_accum
+        assert task in FT_DRY_RUN, f"{recipe}: no ft recipe of task {task!r} is dry-run (FT_DRY_RUN)"
+        cfg.data.resolve_batch_sizes(64, accum)
+        micro = max(c.batch_size for c in cfg.data.corpora)
+        ds = hostfile.resolved_ds_config(recipe, 64, [])
+        assert tuple(ds[k] for k in batch) == (micro, accum, micro * accum * 64), recipe
+        assert rest(ds) == rest(sampled[task]), f"{recipe} differs from {FT_DRY_RUN[task]} beyond the batch"
 
 
 @pytest.mark.parametrize("ds_config", [None, "zero3_bf16_7b_offload.json"])

@@ -1,4 +1,5 @@
-"""Every recipe and every ds_configs/*.json loads and validates for world sizes 1, 2 and 64."""
+"""Every recipe and every ds_configs/*.json loads and validates for world sizes 1, 2 and 64 (the ft_*
+fine-tuning recipes at their 8)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,16 @@ def test_there_are_recipes_and_ds_configs():
     assert "zero3_cpu.json" in DS_CONFIGS
 
 
-@pytest.mark.parametrize("recipe", list_recipes())
-@pytest.mark.parametrize("world", [1, 2, 64])
+# The B.3 fine-tunes (ft_*) are 8-GPU recipes whose batch factors tests/unit/test_finetune_recipes.py
+# checks: each resolves here once, at its 8 ranks; every other recipe at 1, 2 and 64.
+RECIPE_WORLDS = [
+    (recipe, world)
+    for recipe in list_recipes()
+    for world in ([8] if recipe.startswith("ft_") else [1, 2, 64])
+]
+
+
+@pytest.mark.parametrize("recipe, world", RECIPE_WORLDS)
 def test_recipe_resolves(recipe: str, world: int):
     cfg = load_config(recipe)
     ds = resolve_ds_config(cfg, world)
