@@ -1,9 +1,18 @@
 """Open-ended question answering (MiCo appendix B.3): the question is a text prefix after the
 multimodal context, the answer is generated without constraints by the captioning decoder (same
-<mask> convention, same beam search), and scored by exact match after normalization.
+<mask> convention, same beam search), and scored per question:
 
-Normalization (the SQuAD / VQA habit): lowercase, punctuation removed, the articles a/an/the removed,
-whitespace collapsed. "The RED." and "red" match; "red star" and "red" do not.
+- **VQA accuracy** (Antol et al. 2015; the official ``vqaEval.py`` of github.com/GT-Vision-Lab/VQA)
+  for a pair that carries its ten human answers (json ``answers``, as ``--format vqa`` writes
+  VQAv2): min(#humans who gave the predicted answer / 3, 1), averaged over the 10 subsets of 9 of the
+  10 annotators. Answers are normalized by :func:`normalize_vqa` (that code's steps).
+- **Exact match** otherwise, after :func:`normalize_answer` (the SQuAD / VQA habit: lowercase,
+  punctuation removed, the articles a/an/the removed, whitespace collapsed; "The RED." and "red"
+  match, "red star" and "red" do not).
+
+``qa/accuracy`` is the mean of these per-question scores (the official VQAv2 figure on a VQAv2 split,
+exact match on the demo and the video QA sets); ``qa/vqa_accuracy`` and ``qa/exact_match`` report
+both measures apart when some pairs carry ten answers (docs/finetuning.md, "QA protocol").
 """
 
 from __future__ import annotations
@@ -11,7 +20,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +32,39 @@ from mico_ds.eval.captioning import DecodeOptions, generate
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
 
+VQA_ANNOTATORS = 10  # a VQAv2 question's human answers; a pair with this many is scored by VQA accuracy
+# vqaEval.py's marks (its list less the apostrophe, kept for the contractions below): each is deleted
+# when the answer has one next to a space or a digit-comma-digit, else it becomes a space.
+_VQA_PUNCT = ';:/[]"()=+\\_><@`,?'
+_DIGIT_COMMA = re.compile(r"\d,\d")
+_PERIOD = re.compile(r"\.(?!\d)")  # a period not before a digit ("3.5" keeps its point)
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+_NUMBERS = {"none": "0"} | {w: str(i) for i, w in enumerate(_NUMBER_WORDS)}
+_VQA_ARTICLES = frozenset(("a", "an", "the"))
+# Contractions by ending: the words before it.
+_CONTRACTION_STEMS = {
+    "n't": "ai are could did does had has have is might must need ought should was were would ca do wo sha",
+    "n't've": "could had might should would",
+    "'ve": "could might must should would we they you not i",
+    "'s": "he how that there what when where who why somebody someone",
+    "'ll": "it they you how what who why somebody someone something y'all",
+    "'re": "they you what why there",
+    "'d": "he how it they you who where there somebody someone something",
+    "'d've": "he it she we they you who there somebody someone something i y'all",
+    "": "ma'am o'clock y'all 'twas i'm",
+}
+
+
+def _contractions() -> dict[str, str]:
+    """Contractions written without their apostrophe -> with it ("dont" -> "don't"; vqaEval.py's
+    table, rebuilt from stems). Spellings that are words of their own (its, well, were, hell, shell,
+    id, ill, wed, shed, lets, shes, somethings) are left alone, as that table leaves them."""
+    forms = [stem + end for end, stems in _CONTRACTION_STEMS.items() for stem in stems.split()]
+    return {f.replace("'", ""): f for f in forms}
+
+
+_CONTRACTIONS = _contractions()
+
 
 def normalize_answer(text: str) -> str:
     """Lowercase, punctuation -> space, drop articles, collapse whitespace."""
@@ -32,6 +74,55 @@ def normalize_answer(text: str) -> str:
 
 def exact_match(prediction: str, answer: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(answer)
+
+
+def normalize_vqa(text: str) -> str:
+    """The VQA evaluation's answer processing: tabs and newlines -> spaces; punctuation (``_VQA_PUNCT``)
+    deleted or made a space as vqaEval.py's ``processPunctuation`` decides, periods not before a digit
+    deleted; then per lowercased word (``processDigitArticle``) number words -> digits ("two" -> "2",
+    "none" -> "0"), articles dropped, contractions given their apostrophe ("dont" -> "don't").
+
+    Applied to the prediction and to every human answer alike (vqaEval.py strips only the punctuation
+    of the annotations, which VQA's release already wrote in this form: on such answers the two
+    agree). Curly apostrophes are read as straight ones."""
+    text = text.replace("\n", " ").replace("\t", " ").replace("\u2019", "'").replace("\u2018", "'").strip()
+    delete = _DIGIT_COMMA.search(text) is not None
+    out = text
+    for p in _VQA_PUNCT:
+        out = out.replace(p, "" if delete or f"{p} " in text or f" {p}" in text else " ")
+    out = _PERIOD.sub("", out)
+    words = (_NUMBERS.get(w, w) for w in out.lower().split())
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _VQA_ARTICLES)
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """VQA accuracy in [0, 1]: the mean over annotators i of min(#{j != i: answer j == prediction} / 3,
+    1) (leave one annotator out: the 10 subsets of 9), answers compared after :func:`normalize_vqa`.
+    An answer 2 of 10 humans gave scores 0.6, 3 of 10 score 0.9, 4 or more score 1."""
+    if not answers:
+        raise ValueError("vqa_accuracy needs the human answers")
+    pred = normalize_vqa(prediction)
+    same = [normalize_vqa(a) == pred for a in answers]
+    hits = sum(same)
+    return sum(min(1.0, (hits - s) / 3.0) for s in same) / len(same)
+
+
+def ten_answers(pair: dict[str, Any]) -> list[str] | None:
+    """The pair's :data:`VQA_ANNOTATORS` human answers (json ``answers``, strings), else None (a pair
+    scored by exact match: no list, or one of another length, such as a video QA set's alternatives)."""
+    given = pair.get("answers")
+    if isinstance(given, list) and len(given) == VQA_ANNOTATORS and all(isinstance(a, str) for a in given):
+        return list(given)
+    return None
+
+
+def score(prediction: str, pair: dict[str, Any]) -> float:
+    """A question's score in [0, 1]: :func:`vqa_accuracy` over its ten answers when it carries them,
+    else :func:`exact_match` with ``pair["a"]``."""
+    humans = ten_answers(pair)
+    return (
+        vqa_accuracy(prediction, humans) if humans is not None else float(exact_match(prediction, pair["a"]))
+    )
 
 
 def question_prompt(tokenizer: Any, question: str) -> list[int]:
@@ -81,17 +172,21 @@ def evaluate_qa(
 
     The context prefix of each batch is computed once; questions are then decoded in chunks of
     ``batch_size``, the same number of chunks on every rank (dummy chunks where a rank has fewer).
-    ``prior`` (:func:`answer_prior` of another split's pairs) answers the same questions without
-    looking: ``qa/baseline_accuracy`` (a template it lacks counts as wrong).
+    Each question is scored by :func:`score`: VQA accuracy when its pair carries ten human answers,
+    exact match otherwise. ``prior`` (:func:`answer_prior` of another split's pairs) answers the same
+    questions without looking, scored the same way: ``qa/baseline_accuracy`` (a template it lacks
+    counts as wrong).
 
     Returns:
-        ``qa/accuracy`` (percent), ``qa/accuracy_<type>`` per question type, ``qa/n`` questions, a
-        few ``qa/examples``, with ``prior`` ``qa/baseline_accuracy`` and ``qa/baseline_<type>``;
-        ``{}`` when no item carries questions.
+        ``qa/accuracy`` (percent: the mean score), ``qa/accuracy_<type>`` per question type, ``qa/n``
+        questions, a few ``qa/examples``; when some pairs carry ten answers also ``qa/vqa_accuracy``
+        and ``qa/vqa_n`` (those pairs alone) and ``qa/exact_match`` (every question against its
+        ``a``); with ``prior`` ``qa/baseline_accuracy`` and ``qa/baseline_<type>``; ``{}`` when no item
+        carries questions.
     """
     from tqdm import tqdm
 
-    prefixes, rows = [], []  # rows: (index into the stacked prefixes, question, answer, type)
+    prefixes, rows = [], []  # rows: (index into the stacked prefixes, question, answer, type, answers)
     n_items = 0
     for batch in batches:
         pre = model.context_prefix(batch)
@@ -101,7 +196,7 @@ def evaluate_qa(
         prefixes.append(pre[keep])
         for j, i in enumerate(keep):
             for p in qa[i][:max_questions_per_item]:
-                rows.append((n_items + j, p["q"], p["a"], str(p.get("type", "all"))))
+                rows.append((n_items + j, p["q"], p["a"], str(p.get("type", "all")), ten_answers(p)))
         n_items += len(keep)
         dummy = pre[:1]
     pre_all = torch.cat(prefixes)
@@ -118,25 +213,34 @@ def evaluate_qa(
         prompts = [question_prompt(tokenizer, r[1]) for r in chunk]
         out = generate(model, pre, prompts, tokenizer.special, opts)
         preds += [tokenizer.decode(t) for t in out.tokens]
-    local = [(q, a, t, p) for (_, q, a, t), p in zip(rows, preds)]
+    local = [(q, a, t, humans, p) for (_, q, a, t, humans), p in zip(rows, preds)]
     everything = [r for part in mdist.all_gather_object(local) for r in part]
     hits, totals, base = Counter(), Counter(), Counter()
-    for q, a, t, p in everything:
-        ok = exact_match(p, a)
+    vqa, n_vqa, exact = 0.0, 0, 0
+    for q, a, t, humans, p in everything:
+        pair = {"a": a, "answers": humans}
+        ok = score(p, pair)
         guess = None if prior is None else prior.get(template_of({"q": q, "type": None if t == "all" else t}))
         for key in {"all", t}:
             hits[key] += ok
             totals[key] += 1
-            base[key] += guess is not None and exact_match(guess, a)
+            base[key] += 0.0 if guess is None else score(guess, pair)
+        exact += exact_match(p, a)
+        if humans is not None:
+            vqa, n_vqa = vqa + ok, n_vqa + 1
     out: dict[str, Any] = {
         f"{prefix}accuracy": 100.0 * hits["all"] / totals["all"],
         f"{prefix}n": float(totals["all"]),
     }
     for t in sorted(k for k in totals if k != "all"):
         out[f"{prefix}accuracy_{t}"] = 100.0 * hits[t] / totals[t]
+    if n_vqa:
+        out[f"{prefix}vqa_accuracy"] = 100.0 * vqa / n_vqa
+        out[f"{prefix}vqa_n"] = float(n_vqa)
+        out[f"{prefix}exact_match"] = 100.0 * exact / totals["all"]
     if prior is not None:
         out[f"{prefix}baseline_accuracy"] = 100.0 * base["all"] / totals["all"]
         for t in sorted(k for k in totals if k != "all"):
             out[f"{prefix}baseline_{t}"] = 100.0 * base[t] / totals[t]
-    out[f"{prefix}examples"] = [{"q": q, "a": a, "predicted": p} for q, a, _, p in everything[:examples]]
+    out[f"{prefix}examples"] = [{"q": q, "a": a, "predicted": p} for q, a, _, _, p in everything[:examples]]
     return out

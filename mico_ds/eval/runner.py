@@ -2,9 +2,11 @@
 
 One eval-mode pass reads each rank's share of the held-out items; every task takes the first items
 of that share it needs (``eval.max_samples`` / ``caption_samples`` / ``qa_samples`` in all, split
-over the ranks). Batch lists are padded to the same length on every rank (ZeRO-3: every rank runs
-the same forward passes), padding items marked ``valid = False``. Retrieval's rerank weight, unless
-given (``eval.rerank_weight``), is chosen on the first ``eval.rerank_tune_samples`` items of
+over the ranks). QA and classification take items with or without a caption, retrieval, captioning
+and grounding only captioned ones (a second pass when the split mixes both: :func:`held_out_batches`).
+Batch lists are padded to the same length on every rank (ZeRO-3: every rank runs the same forward
+passes), padding items marked ``valid = False``. Retrieval's rerank weight, unless given
+(``eval.rerank_weight``), is chosen on the first ``eval.rerank_tune_samples`` items of
 ``eval.rerank_tune_shards``, a split that is not the reported one.
 """
 
@@ -24,6 +26,11 @@ from mico_ds.data.read.batch import to_device
 
 log = logging.getLogger("mico_ds")
 DEFAULT_RERANK_WEIGHT = 1.0  # eval.rerank_weight None without tune shards: BLIP's plain sum
+CAPTION_TASKS = (
+    "retrieval",
+    "captioning",
+    "grounding",
+)  # read the items' captions (qa, classification do not)
 _warned: set[str] = set()
 
 
@@ -41,7 +48,7 @@ def load_batches(
     require_caption: bool = True,
 ) -> list[dict[str, Any]]:
     """This rank's first ``items_per_rank`` held-out items, as batches with ``valid`` (all True);
-    ``require_caption`` False keeps items without a caption (classification splits)."""
+    ``require_caption`` False keeps items without a caption (QA and classification splits)."""
     from mico_ds.data.read.loader import EvalLoader
 
     shards = shards or cfg.data.val_shards
@@ -60,6 +67,39 @@ def load_batches(
     for b in loader:
         b["valid"] = torch.ones(len(b[schema.KEYS]), dtype=torch.bool)
         out.append(to_device(b, device, bf16))
+    return out
+
+
+def held_out_batches(
+    cfg: RunConfig,
+    device: torch.device | str,
+    bf16: bool,
+    sizes: dict[str, int],
+    modalities: Sequence[str] | None = None,
+    shards: str | None = None,
+) -> dict[bool, list[dict[str, Any]]]:
+    """The held-out batches of the tasks of ``sizes`` (task -> items in all), keyed by whether the
+    task reads captions (:data:`CAPTION_TASKS`).
+
+    QA and classification read the json's ``qa`` pairs and labels: they get every item, with a caption
+    or without (``--format vqa`` / ``videoqa`` shards have none). Retrieval, captioning and grounding
+    get the items with a caption, as a caption-requiring load gives them. Both from one pass when
+    the items loaded without the requirement all have a caption (then they are the same items, in the
+    same batches); else a second pass with it, for the caption tasks only.
+    """
+    caption = [t for t in sizes if t in CAPTION_TASKS]
+    out: dict[bool, list[dict[str, Any]]] = {}
+
+    def load(tasks: Sequence[str], require_caption: bool) -> list[dict[str, Any]]:
+        n = per_rank(max(sizes[t] for t in tasks))
+        return load_batches(cfg, device, bf16, n, modalities, shards, require_caption=require_caption)
+
+    if len(caption) < len(sizes):
+        out[False] = load(list(sizes), require_caption=False)
+        if caption and all(c for b in out[False] for c in b[schema.CAPTIONS]):
+            out[True] = out[False]
+    if caption and True not in out:
+        out[True] = load(caption, require_caption=True)
     return out
 
 
@@ -195,17 +235,14 @@ def run_evaluation(
         "classification": cfg.task.classification.eval_samples,
     }
     t0 = time.perf_counter()
-    items = per_rank(max(sizes[t] for t in tasks))
-    # Classification items carry labels, not captions; the other tasks load as they always have.
-    uncaptioned = {"require_caption": False} if "classification" in tasks else {}
-    batches = load_batches(cfg, device, bf16, items, modalities, shards, **uncaptioned)
+    batches = held_out_batches(cfg, device, bf16, {t: sizes[t] for t in tasks}, modalities, shards)
     out: dict[str, Any] = {"eval/load_seconds": time.perf_counter() - t0}
     was_training = getattr(model, "training", False)
     model.eval()
     try:
         for task in tasks:
             t0 = time.perf_counter()
-            part = take(batches, per_rank(sizes[task]))
+            part = take(batches[task in CAPTION_TASKS], per_rank(sizes[task]))
             if task == "retrieval":
                 w, tuning = 0.0, {}
                 if e.rerank_k > 0:
@@ -311,7 +348,14 @@ def format_results(res: dict[str, Any]) -> str:
         per = "  ".join(
             f"{k.split('accuracy_', 1)[1]} {v:.1f}" for k, v in res.items() if k.startswith("qa/accuracy_")
         )
-        lines.append(f"qa: {int(res['qa/n'])} questions  exact match {res['qa/accuracy']:.2f}%  ({per})")
+        if "qa/vqa_n" in res:
+            how = (
+                f"accuracy {res['qa/accuracy']:.2f}% (VQA accuracy on the {int(res['qa/vqa_n'])} with ten "
+                f"answers: {res['qa/vqa_accuracy']:.2f}%; exact match {res['qa/exact_match']:.2f}%)"
+            )
+        else:
+            how = f"exact match {res['qa/accuracy']:.2f}%"
+        lines.append(f"qa: {int(res['qa/n'])} questions  {how}  ({per})")
         if "qa/baseline_accuracy" in res:
             base = {
                 k: v for k, v in res.items() if k.startswith("qa/baseline_") and k != "qa/baseline_accuracy"

@@ -357,7 +357,7 @@ def _runner_case(monkeypatch: pytest.MonkeyPatch, **eval_overrides) -> tuple:
     val, tune = _batches(3, seed=0, valid_last=2), _batches(2, seed=5)
     calls = []
 
-    def fake_load(cfg, device, bf16, n, modalities=None, shards=None):  # noqa: ANN001, ANN202
+    def fake_load(cfg, device, bf16, n, modalities=None, shards=None, **kw):  # noqa: ANN001, ANN003, ANN202
         calls.append(shards)
         return tune if shards == "tune-*.tar" else val
 
