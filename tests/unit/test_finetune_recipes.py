@@ -37,6 +37,8 @@ class Row:
     res: int | None = None  # B.3's resolution
     frames: tuple[int, int] | None = None  # (train, test)
     clips: int | None = None  # audio clips, train = test in every B.3 row
+    scst: bool = False  # self-critical training (task.scst.enabled), B.3's "MSCOCO(SCST)"
+    after: str | None = None  # the recipe whose run --init reads (a second stage); None: the pretraining's
 
 
 # fmt: off
@@ -54,6 +56,8 @@ B3: dict[str, Row] = {
     "ft_clotho_ret":    Row("retrieval", 2e-5, 64, "10", 19_195, 1045, clips=3),
     # captioning
     "ft_coco_cap":      Row("captioning", 1e-5, 64, "5", 566_747, 5000, 480),
+    "ft_coco_cap_scst": Row("captioning", 2.5e-6, 64, "2.5", 566_747, 5000, 480,
+                            scst=True, after="ft_coco_cap"),
     "ft_msrvtt_cap":    Row("captioning", 2e-5, 128, "10", 130_260, 2990, 224, (8, 8)),
     "ft_youcook2_cap":  Row("captioning", 3e-5, 64, "30", 10_337, 3492, 224, (8, 16)),
     "ft_valor32k_cap":  Row("captioning", 1e-5, 64, "10", 25_000, 3500, 224, (8, 12)),
@@ -115,6 +119,28 @@ def test_recipe_has_the_b3_settings(name: str) -> None:
     if row.res is not None and row.frames is None:
         assert mods == {"image"}
     assert cfg.data.val_modalities == cfg.data.corpora[0].modalities
+    assert cfg.task.scst.enabled is row.scst
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if B3[n].after])
+def test_second_stage_is_its_first_stage_but_for_its_b3_settings(name: str) -> None:
+    # B.3's MSCOCO(SCST) row: the cross-entropy stage's recipe (model, data, splits, evaluation), its own
+    # learning rate and length, SCST with ScstConfig's defaults (B.3 gives no other SCST setting)
+    from dataclasses import asdict, replace
+
+    from mico_ds.config.scst_section import ScstConfig
+
+    cfg, first = load_config(name), load_config(B3[name].after)
+    assert cfg.task.scst == ScstConfig(enabled=True)
+    own = replace(
+        first,
+        name=cfg.name,
+        task=replace(first.task, scst=cfg.task.scst),
+        optim=replace(first.optim, lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps),
+        train=replace(first.train, max_steps=cfg.train.max_steps, eval_every=cfg.train.eval_every,
+                      save_every=cfg.train.save_every),
+    )  # fmt: skip
+    assert asdict(cfg) == asdict(own)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -161,9 +187,12 @@ def test_recipe_opens_with_its_commands(name: str) -> None:
     assert re.search(
         rf"^#   deepspeed --num_gpus {WORLD} --module mico_ds\.train --recipe {name} --init \S+ "
         rf"--run-dir runs/{name}$", text, re.M)  # fmt: skip
+    init = re.search(r"^#   deepspeed .* --init (\S+) ", text, re.M).group(1)
+    row = B3[name]
+    # a second stage starts from its first stage's run (that recipe's --run-dir), the others from pretraining
+    assert init == (f"runs/{row.after}" if row.after else "/shared/runs/vitg_llama2_7b")
     formats = re.findall(r"^#   python tools/make_shards\.py --format (\S+) .*--out \S+$", text, re.M)
     assert formats and set(formats) <= set(available()), formats
-    row = B3[name]
     assert f"{row.entries:,}" in text  # the split size the steps come from, and where it comes from
     assert f"= {steps(row):,}" in text
 
