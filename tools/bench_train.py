@@ -97,7 +97,7 @@ def worker(args: argparse.Namespace) -> int:
         mdist.barrier()
         t0, n = time.perf_counter(), 0
         for _ in range(args.steps):
-            _, k = trainer.train_step()
+            _, k, _ = trainer.train_step()
             n += k
         mdist.barrier()
         dt = time.perf_counter() - t0

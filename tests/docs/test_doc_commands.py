@@ -120,8 +120,9 @@ RULES: list[Rule] = [
          "tests/unit/tasks/test_classification.py::test_the_documented_overrides_load"),
     Rule(r"python -m mico_ds\.train --recipe demo_qa --init runs/demo --run-dir runs/demo_qa", H,  # minutes
          "python -m mico_ds.train --recipe demo_qa --print-config", expect=("qa_baseline_shards",)),
-    Rule(r"python -m mico_ds\.train --recipe demo_retrieval --init runs/demo --run-dir runs/demo_retrieval", H,
-         "python -m mico_ds.train --recipe demo_retrieval --print-config", expect=("test_shards: image_text",)),
+    Rule(r"python -m mico_ds\.train --recipe demo_retrieval --init runs/demo --run-dir runs/demo_retrieval",
+         H, "python -m mico_ds.train --recipe demo_retrieval --print-config",
+         expect=("test_shards: image_text",)),
     # the B.3 fine-tuning recipes (docs/finetune_recipes.md): hours on an 8-GPU node, so their config resolves
     Rule(r"deepspeed --num_gpus 8 --module mico_ds\.train --recipe (ft_\w+) "
          r"--init /shared/runs/vitg_llama2_7b --run-dir runs/\1", H,
