@@ -175,7 +175,8 @@ RULES: list[Rule] = [
     Rule(r"python tools/gpu_check\.py --out .*", H, "python tools/gpu_check.py --help",
          expect=("--device cpu --quick",)),
     Rule(r"python -m pytest -m gpu (tests/gpu) -q", "covered", "{1}/test_kernels_gpu.py"),
-    Rule(r"python tools/bench_(loader|kernels|train|gpu_step)\.py.*", H, "python tools/bench_{1}.py --help"),
+    Rule(r"python tools/bench_(loader|kernels|train|gpu_step|finetune)\.py.*", H,
+         "python tools/bench_{1}.py --help"),
     # --- the test suite's own parts (.ci/run runs every test file)
     Rule(r"python -m pytest (tests/\S+) -q", "covered", "{1}"),
 ]
