@@ -46,6 +46,14 @@ class Task:
     def check(self, cfg: Any) -> None:
         """Raise a ValueError naming the keys when ``cfg`` (a RunConfig) does not fit this task."""
 
+    def check_evaluated(self, cfg: Any) -> None:
+        """Raise unless ``eval.tasks`` holds the evaluation that gives this task's metric."""
+        task = self.metric.split("/")[0]
+        if task not in cfg.eval.tasks:
+            raise ValueError(
+                f"task.name={self.name} is evaluated by {task}: add it to eval.tasks {cfg.eval.tasks}"
+            )
+
     def sample_task(self, cfg: Any) -> SampleTask | None:
         """The training streams' :class:`SampleTask`; None: the captions as the corpora give them."""
         return None

@@ -76,10 +76,7 @@ class CaptioningTask(Task):
                 f"{o.contrastive_weight:g}, {o.matching_weight:g}) and objectives.generation_weight > 0 "
                 f"(got {o.generation_weight:g})"
             )
-        if "captioning" not in cfg.eval.tasks:
-            raise ValueError(
-                f"task.name=captioning is evaluated by captioning: add it to eval.tasks {cfg.eval.tasks}"
-            )
+        self.check_evaluated(cfg)
         joined = [c.name for c in cfg.data.corpora if c.joined_from and (c.weight > 0 or c.steps)]
         if cfg.task.scst.enabled and joined:
             raise ValueError(

@@ -117,11 +117,7 @@ class ClassificationTask(Task):
                 f"task.name=classification needs task.classification.num_classes >= 2 (got {c.num_classes}): "
                 f"the length of the shards' {CLASSES_FILE}"
             )
-        if "classification" not in cfg.eval.tasks:
-            raise ValueError(
-                "task.name=classification is evaluated by classification: add it to eval.tasks "
-                f"{cfg.eval.tasks}"
-            )
+        self.check_evaluated(cfg)
         active = [k for k in cfg.data.corpora if k.weight > 0 or k.steps]
         joined = [k.name for k in active if k.joined_from]
         if joined:

@@ -24,10 +24,7 @@ class RetrievalTask(Task):
                 f"objectives.contrastive_weight > 0 (got {o.contrastive_weight:g}) and "
                 f"objectives.generation_weight=0 (got {o.generation_weight:g})"
             )
-        if "retrieval" not in cfg.eval.tasks:
-            raise ValueError(
-                f"task.name=retrieval is evaluated by retrieval: add it to eval.tasks {cfg.eval.tasks}"
-            )
+        self.check_evaluated(cfg)
 
 
 TASK = RetrievalTask(
