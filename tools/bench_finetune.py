@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -100,21 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             cases.append({"case": name, "recipe": recipe, "overrides": overrides, "ranks": out["ranks"],
                           "samples_per_s": r["samples_per_s"],
                           "seconds_per_step": r["seconds_per_step"]})  # fmt: skip
-    res = {
-        "command": " ".join(["python", "tools/bench_finetune.py", *argv]),
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "load_1m": os.getloadavg()[0],
-        },  # fmt: skip
-        "nproc": args.nproc,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "cases": cases,
-    }
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
-    print(markdown(res) if args.markdown else json.dumps(res, indent=1))
+    fields = {"nproc": args.nproc, "steps": args.steps, "warmup": args.warmup, "cases": cases}
+    bt.report("bench_finetune.py", argv, fields, args, markdown)
     return 0
 
 

@@ -178,6 +178,25 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def report(
+    script: str, argv: list[str], fields: dict[str, Any], args: argparse.Namespace, table: Any
+) -> None:
+    """The results of a benchmark run: its command and machine, then ``fields``; written to
+    ``args.json`` when given, printed as ``table(res)`` with ``args.markdown``, else as JSON."""
+    res = {
+        "command": " ".join(["python", f"tools/{script}", *argv]),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "load_1m": os.getloadavg()[0],
+        },  # fmt: skip
+        **fields,
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    print(table(res) if args.markdown else json.dumps(res, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_worker"]:
@@ -215,22 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                 path = tmp / "zero3_no_persistence.json"
                 path.write_text(json.dumps(ds))
                 cases.append(run_case(args, "zero3 (persistence 0)", str(path), tmp))
-    res = {
-        "command": " ".join(["python", "tools/bench_train.py", *argv]),
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "load_1m": os.getloadavg()[0],
-        },  # fmt: skip
-        "recipe": args.recipe,
-        "nproc": args.nproc,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "cases": cases,
-    }
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
-    print(markdown(res) if args.markdown else json.dumps(res, indent=1))
+    fields = {"recipe": args.recipe, "nproc": args.nproc, "steps": args.steps, "warmup": args.warmup}
+    report("bench_train.py", argv, {**fields, "cases": cases}, args, markdown)
     return 0
 
 
