@@ -16,12 +16,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.train import REPO, data_overrides, env, run_train, train_cmd, train_records
+from tests.helpers.train import REPO, data_overrides, env, preempt_after_first_step, run_train, train_records
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 STEPS = 2
@@ -149,18 +148,8 @@ def test_finetune_keeps_best_tests_it_and_resumes_bitwise(base: Path, data_root:
 
     # preempted by SIGUSR1 after its first step, then resumed: the same losses, bit for bit
     run = tmp_path / "preempted"
-    proc = subprocess.Popen(train_cmd(run, *args), cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
-    metrics, deadline = run / "metrics.jsonl", time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and any('"loss"' in line for line in metrics.read_text().splitlines()):
-            break
-        time.sleep(0.2)
-    subprocess.run(
-        ["pkill", "-USR1", "-f", "--", f"-u -m mico_ds.train --recipe debug --run-dir {run}"], check=False
-    )
-    out_text, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 99, out_text[-4000:]
+    rc, out_text = preempt_after_first_step(run, *args)
+    assert rc == 99, out_text[-4000:]
     stopped_at = int((run / "checkpoints" / "latest").read_text().strip()[4:])
     assert 1 <= stopped_at < FT_STEPS, "the signal should stop the fine-tune before its end"
     run_train(run, *args, "--resume", "latest")

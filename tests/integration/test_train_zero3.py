@@ -9,13 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.train import REPO, data_overrides, env, run_train, train_cmd, train_records
+from tests.helpers.train import REPO, data_overrides, preempt_after_first_step, run_train, train_records
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 STEPS = 6
@@ -88,20 +86,8 @@ def test_preempted_run_resumes_bitwise(full_run: Path, data_root: Path, tmp_path
     run = tmp_path / "preempted"
     args = [*data_overrides(data_root), f"--train.max_steps={STEPS}", "--train.save_every=100",
             "--train.deterministic=true"]  # fmt: skip
-    proc = subprocess.Popen(train_cmd(run, *args), cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
-    metrics = run / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and any('"loss"' in line for line in metrics.read_text().splitlines()):
-            break
-        time.sleep(0.2)
-    # SIGUSR1 to the rank processes only (as SLURM's --signal does to the job step's tasks)
-    subprocess.run(
-        ["pkill", "-USR1", "-f", "--", f"-u -m mico_ds.train --recipe debug --run-dir {run}"], check=False
-    )
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 99, out[-4000:]
+    rc, out = preempt_after_first_step(run, *args)  # SIGUSR1 to the rank processes only
+    assert rc == 99, out[-4000:]
     stopped_at = int((run / "checkpoints" / "latest").read_text().strip()[4:])
     assert 1 <= stopped_at < STEPS, "the signal should stop the run before its end"
     run_train(run, *args, "--resume", "latest")
